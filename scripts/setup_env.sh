@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Creates (or reuses) the virtualenv at $VENV (default .venv) and installs flamingo_jax into it.
+# Usage: bash scripts/setup_env.sh [test]   # "test" adds the peers used by parity tests.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VENV:-.venv}
+[ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
+"$VENV/bin/python" -m pip install -q --upgrade uv
+# uv does not read pip's configuration: pass on its local wheel folder (it holds the CPU torch build).
+FIND_LINKS=$("$VENV/bin/python" -m pip config get global.find-links 2>/dev/null || true)
+UV_ARGS=()
+[ -n "$FIND_LINKS" ] && UV_ARGS+=(--find-links "$FIND_LINKS")
+export VIRTUAL_ENV="$PWD/$VENV"
+if [ "${1:-}" = "test" ]; then
+  "$VENV/bin/uv" pip install -q "${UV_ARGS[@]}" -e ".[test]"
+  # open-flamingo pins torch==2.0.1; its code runs with the torch above, so install it without deps.
+  "$VENV/bin/uv" pip install -q "${UV_ARGS[@]}" --no-deps "open-flamingo==2.0.1"
+else
+  "$VENV/bin/uv" pip install -q "${UV_ARGS[@]}" -e .
+fi
