@@ -1,0 +1,97 @@
+"""Pieces shared by the paper's configs (Flamingo paper, Table 1 and Appendix B)."""
+import ml_collections
+
+
+def paper_model(*, lm_layers: int, lm_dim: int, lm_heads: int, xattn_every: int,
+                xattn_heads: int) -> ml_collections.ConfigDict:
+  """A Flamingo model config as the paper describes it.
+
+  Frozen LM: Chinchilla-style pre-norm decoder (RMSNorm, GeLU MLP of 4·D, key size 128, untied
+  embeddings, SentencePiece 32k vocab, context 2048). Chinchilla uses Transformer-XL relative
+  positions; rotary embeddings are our relative-position stand-in. Vision: NFNet-F6 (final conv
+  to 2·1536). Resampler: 6 layers, D 1536, 16 heads × 128, 64 latents. New layers use squared ReLU
+  FFWs of 4·D. xattn blocks: key size 128, placed before layer 0 and every n-th layer.
+  """
+  return ml_collections.ConfigDict(dict(
+      vision=dict(variant="F6"),
+      resampler=dict(dim=1536, num_layers=6, num_heads=16, head_dim=128, num_latents=64,
+                     max_frames=8, ffw_mult=4, activation="sqrelu"),
+      lm=dict(vocab_size=32000, num_new_tokens=2, dim=lm_dim, num_layers=lm_layers,
+              num_heads=lm_heads, head_dim=128, mlp_dim=4 * lm_dim, norm="rmsnorm",
+              position="rotary", activation="gelu", tied_embeddings=False, max_len=2048,
+              xattn=dict(every=xattn_every, placement="paper", num_heads=xattn_heads,
+                         head_dim=128, ffw_mult=4, activation="sqrelu")),
+      dtype="bfloat16",
+      param_dtype="float32",
+      remat_policy="dots",
+  ))
+
+
+# Logical axis -> mesh axes (flamingo_jax/train/sharding.py): FSDP over model widths, Megatron-style
+# tensor parallelism over heads, MLP and vocabulary; scanned stacks and small tables replicated.
+SHARDING_RULES = [
+    ("embed", "fsdp"), ("vocab", "model"), ("heads", "model"), ("kv_heads", "model"),
+    ("mlp", "model"), ("kv", None), ("layers", None), ("groups", None), ("positions", None),
+    ("latents", None), ("frames", None), ("vis_embed", None), ("conv_h", None), ("conv_w", None),
+    ("conv_in", None), ("conv_out", "fsdp"), ("classes", None),
+]
+
+# Flamingo's parameter groups (paper §3): resampler, xattn blocks and the new-token rows train; the
+# vision encoder and the LM stay frozen. {} = the default lr schedule; None = frozen.
+FLAMINGO_SCHEDULE = [
+    (r"^vision/", None),
+    (r"^lm/.*xattn/", {}),
+    (r"^lm/new_(token_embed|lm_head)", {}),
+    (r"^lm/", None),
+    (r"^resampler/", {}),
+]
+
+
+def training(total_steps: int) -> ml_collections.ConfigDict:
+  """Training fields with the paper's hyper-parameters (App. B.1.2); see flamingo_jax/train/."""
+  return ml_collections.ConfigDict(dict(
+      seed=0,
+      total_steps=total_steps,
+      mixture_mode="accumulate",  # 'accumulate' (paper) | 'round_robin' (ablation)
+      microbatches=1,  # Gradient accumulation within each dataset's batch.
+      lr=1e-4,
+      lr_schedule=dict(warmup_steps=5000, decay_type="constant", end_lr_frac=0.0),
+      optim=dict(b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.1, no_decay=r"^resampler/",
+                 grad_clip=1.0, agc=0.0),  # agc > 0: adaptive gradient clipping (NFNet training).
+      schedule=FLAMINGO_SCHEDULE,
+      frozen_dtype="",  # e.g. 'bfloat16': store frozen parameters in it ('' = as initialised).
+      mesh=(1, -1, 1),  # (data, fsdp, model); one -1 fills with the remaining devices.
+      sharding_rules=SHARDING_RULES,
+      vision_init="",  # save_params checkpoint of the `vision` subtree ('' = random).
+      lm_init="",  # save_params checkpoint of the frozen `lm` parameters ('' = random).
+      init_from="",  # save_params checkpoint of the trainable parameters (fresh runs only).
+      ckpt_every=1000,
+      keep_last=3,
+      keep_every=0,  # Also keep every keep_every-th step (0 = none).
+      ckpt_async=True,
+      log_every=50,
+  ))
+
+
+def paper_input(image_size: int) -> ml_collections.ConfigDict:
+  """The paper's mixture (λ: M3W 1.0, ALIGN 0.2, LTIP 0.2, VTP 0.03; M3W 256 tokens, ≤5 images;
+  pairs 32 tokens; video 8 frames), read from the embedded demo datasets that stand in for them.
+
+  Batch sizes are placeholders to set for the hardware; the tokenizer path must be given.
+  """
+  img = f"decode|resize_pad({image_size})|value_range(-1, 1)"
+  return ml_collections.ConfigDict(dict(
+      kind="tfds",
+      tokenizer="",  # SentencePiece model or HF tokenizer.json (flamingo_jax/data/tokenizer.py).
+      num_workers=8,
+      datasets=dict(
+          m3w=dict(tfds_name="shapes_interleaved", split="train", batch_size=256, weight=1.0,
+                   pp=f"{img}|tokenize_document(max_len=256, max_media=5)"),
+          align=dict(tfds_name="shapes_pairs", split="train", batch_size=512, weight=0.2,
+                     pp=f"{img}|tokenize_pair(max_len=32)"),
+          ltip=dict(tfds_name="shapes_pairs", split="train", batch_size=512, weight=0.2,
+                    pp=f"{img}|tokenize_pair(max_len=64)"),
+          vtp=dict(tfds_name="shapes_video", split="train", batch_size=64, weight=0.03,
+                   pp=f"sample_frames(8)|{img}|tokenize_video(max_len=32)"),
+      ),
+  ))

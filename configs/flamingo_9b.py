@@ -1,0 +1,22 @@
+"""Flamingo-9B as in the paper (Table 1): 40-layer frozen LM (D 4096, 32 heads), xattn every 4.
+
+Parameter counts: python -m flamingo_jax.models.param_count --config=configs/flamingo_9b.py
+
+Training (set config.input.tokenizer and the batch sizes for the hardware):
+python launch.py --config=configs/flamingo_9b.py --workdir=gs://BUCKET/flamingo_9b \
+  --config.input.tokenizer=TOKENIZER --config.vision_init=NFNET_CKPT --config.lm_init=LM_CKPT
+"""
+import ml_collections
+
+from configs import common
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  del arg
+  config = common.training(total_steps=500_000)
+  config.mesh = (1, -1, 4)  # (data, fsdp, model)
+  config.model = common.paper_model(lm_layers=40, lm_dim=4096, lm_heads=32, xattn_every=4,
+                                    xattn_heads=32)
+  config.image_size = 320
+  config.input = common.paper_input(config.image_size)
+  return config

@@ -1,0 +1,80 @@
+"""Flamingo: frozen NFNet → Perceiver Resampler → frozen LM with gated xattn blocks (paper Fig. 3).
+
+Submodules live under stable names that parameter regexes select (checkpoints and configs depend
+on them): `vision/…` (frozen), `resampler/…` (trainable), `lm/…` (frozen), `lm/{groups,tail}/xattn/…`
+and `lm/new_token_embed` (trainable).
+
+Inputs (see flamingo_jax/data/interleave.py): images [B, N, T, H, W, 3], tokens [B, L],
+media_idx [B, L] (1-based index of the last <image> at or before each token, 0 = none).
+"""
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from flamingo_jax.models import lm as lm_lib
+from flamingo_jax.models import nfnet
+from flamingo_jax.models import perceiver
+
+
+def lm_config(model_cfg: Any) -> lm_lib.LMConfig:
+  """The LM config of a Flamingo model config, with the resampler's R and the model's dtypes."""
+  lm_cfg = dict(model_cfg.lm)
+  lm_cfg.setdefault("num_latents", model_cfg.resampler.num_latents)
+  for key in ("dtype", "param_dtype", "remat_policy"):
+    if key in model_cfg:
+      lm_cfg.setdefault(key, model_cfg[key])
+  return lm_lib.make_config(lm_cfg)
+
+
+class Flamingo(nn.Module):
+  """Build with `from_config(config.model)`.
+
+  `decode=True` gives the incremental-decoding model: call it once on the prompt (images given) to
+  fill the LM's KV cache and every xattn block's visual keys/values, then once per new token with
+  images=None (see flamingo_jax/eval/decode.py).
+  """
+  vision: dict
+  resampler: dict
+  lm: lm_lib.LMConfig
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+  decode: bool = False
+
+  def setup(self):
+    dt = dict(dtype=jnp.dtype(self.dtype), param_dtype=jnp.dtype(self.param_dtype))
+    self.vision_encoder = nfnet.NFNet(**{**dt, **self.vision}, name="vision")
+    self.perceiver = perceiver.PerceiverResampler(**{**dt, **self.resampler}, name="resampler")
+    self.language_model = lm_lib.LM(self.lm, decode=self.decode, name="lm")
+
+  def encode_images(self, images):
+    """images [B, N, T, H, W, 3] -> visual tokens [B, N, R, D]; the frozen encoder gets no gradient."""
+    if images.ndim != 6 or images.shape[-1] != 3:
+      raise ValueError(f"images must be [B, N, T, H, W, 3]; got shape {images.shape}.")
+    b, n, t, h, w, _ = images.shape
+    grid = self.vision_encoder(images.reshape(b * n * t, h, w, 3), train=False)  # [BNT, h, w, C]
+    grid = jax.lax.stop_gradient(grid)
+    return self.perceiver(grid.reshape(b, n, t, -1, grid.shape[-1]))  # [B, N, T, S, C] in
+
+  def __call__(self, images, tokens, media_idx, features=None):
+    """-> logits [B, L, V + n_new] (float32).
+
+    images may be None in decode steps after the prompt. `features` [B, N, T, S, C] replaces the
+    vision encoder with precomputed (frozen) features, e.g. from a CLIP ViT for OpenFlamingo.
+    """
+    if features is not None:
+      visual = self.perceiver(jax.lax.stop_gradient(features))
+    else:
+      visual = None if images is None else self.encode_images(images)
+    return self.language_model(tokens, visual, media_idx)
+
+
+def from_config(model_cfg: Any, decode: bool = False) -> Flamingo:
+  """A Flamingo module from `config.model` (vision, resampler, lm, dtype, param_dtype, remat_policy)."""
+  vision = dict(model_cfg.vision)
+  variant = vision.pop("variant", "F0")
+  return Flamingo(
+      vision=nfnet.nfnet_config(variant, **vision), resampler=dict(model_cfg.resampler),
+      lm=lm_config(model_cfg), dtype=model_cfg.get("dtype", "float32"),
+      param_dtype=model_cfg.get("param_dtype", "float32"), decode=decode)

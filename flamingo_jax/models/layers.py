@@ -1,0 +1,116 @@
+"""Building blocks shared by the LM, the cross-attention blocks and the resampler.
+
+Every parameter carries logical axis names (`nn.with_logical_partitioning`) that the trainer maps to
+mesh axes. The names used across the models:
+  'vocab'  token rows            'embed'  model width (LM or resampler)
+  'heads'  attention heads       'kv'     per-head key/value size   'kv_heads'  GQA k/v heads
+  'mlp'    feed-forward hidden   'layers' / 'groups'  scanned layer stacks (never sharded)
+  'positions', 'latents', 'frames'  learned position / latent / time tables
+  'vis_embed'  vision-encoder channels feeding the resampler
+"""
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+NEG_INF = -1e30  # finite, so fully masked rows give uniform weights instead of NaN.
+
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "gelu": lambda x: nn.gelu(x, approximate=False),
+    "gelu_tanh": lambda x: nn.gelu(x, approximate=True),
+    "relu": nn.relu,
+    "silu": nn.silu,
+    "sqrelu": lambda x: jnp.square(nn.relu(x)),  # Flamingo's new layers (Primer's squared ReLU).
+}
+
+
+def activation(name: str) -> Callable[[jax.Array], jax.Array]:
+  if name not in ACTIVATIONS:
+    raise ValueError(f"activation={name!r} is unknown; expected one of {sorted(ACTIVATIONS)}.")
+  return ACTIVATIONS[name]
+
+
+def dense(features, axes: Sequence[str | None], *, use_bias=False, dtype=jnp.float32,
+          param_dtype=jnp.float32, axis=-1, name=None, init_std=0.02):
+  """A DenseGeneral whose kernel (and bias) carry logical axis names `axes` (input axes first)."""
+  n_in = 1 if isinstance(axis, int) else len(axis)
+  out_axes = tuple(axes[n_in:])
+  return nn.DenseGeneral(
+      features=features, axis=axis, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
+      kernel_init=nn.with_logical_partitioning(nn.initializers.normal(init_std), tuple(axes)),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), out_axes),
+      name=name)
+
+
+def norm(kind: str, *, eps: float = 1e-5, use_bias: bool = True, dtype=jnp.float32,
+         param_dtype=jnp.float32, name=None):
+  """LayerNorm or RMSNorm over the last axis, computed in float32 for stability."""
+  scale_init = nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",))
+  if kind == "layernorm":
+    return nn.LayerNorm(
+        epsilon=eps, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name,
+        scale_init=scale_init,
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)))
+  if kind == "rmsnorm":
+    return nn.RMSNorm(epsilon=eps, dtype=dtype, param_dtype=param_dtype, name=name,
+                      scale_init=scale_init)
+  raise ValueError(f"norm={kind!r} is unknown; expected 'layernorm' or 'rmsnorm'.")
+
+
+def attention(q, k, v, mask=None, bias=None, scale=None):
+  """Multi-head / grouped-query dot-product attention.
+
+  q: [B, L, H, D]; k, v: [B, S, K, D] with H a multiple of K (GQA shares each k/v head among H/K
+  query heads); mask: broadcastable to [B, 1, L, S] (True = attend); bias: broadcastable to
+  [B, H, L, S]. Softmax runs in float32. Returns [B, L, H, D].
+  """
+  b, l, h, d = q.shape
+  kh = k.shape[2]
+  if h % kh:
+    raise ValueError(f"num_heads={h} must be a multiple of num_kv_heads={kh}.")
+  scale = d ** -0.5 if scale is None else scale
+  q = q.reshape(b, l, kh, h // kh, d)
+  logits = jnp.einsum("blkgd,bskd->bkgls", q, k).astype(jnp.float32) * scale
+  if bias is not None:
+    logits = logits + bias.reshape(bias.shape[0], kh, h // kh, *bias.shape[2:])
+  if mask is not None:
+    logits = jnp.where(mask[:, :, None], logits, NEG_INF)
+  weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  out = jnp.einsum("bkgls,bskd->blkgd", weights, v)
+  return out.reshape(b, l, h, d)
+
+
+class FeedForward(nn.Module):
+  """LayerNorm → Dense(mult·D) → activation → Dense(D), bias-free: the FFW of the new layers."""
+  mult: int = 4
+  activation: str = "sqrelu"
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):  # [..., D] -> [..., D]
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    h = norm("layernorm", **kw, name="norm")(x)
+    h = dense(self.mult * x.shape[-1], ("embed", "mlp"), **kw, name="wi")(h)
+    h = activation(self.activation)(h)
+    return dense(x.shape[-1], ("mlp", "embed"), **kw, name="wo")(h)
+
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+}
+
+
+def remat(module_cls, policy: str, static_argnums=()):
+  """Wraps a module class in nn.remat with a named policy ('none' leaves it as is)."""
+  if policy not in REMAT_POLICIES:
+    raise ValueError(f"remat_policy={policy!r} is unknown; expected one of {sorted(REMAT_POLICIES)}.")
+  if policy == "none":
+    return module_cls
+  return nn.remat(module_cls, policy=REMAT_POLICIES[policy], prevent_cse=False,
+                  static_argnums=static_argnums)

@@ -1,0 +1,374 @@
+"""The decoder-only language model that Flamingo keeps frozen, with GATED XATTN-DENSE blocks.
+
+One configurable pre-norm Transformer covers the paper's Chinchilla-style LM and the common open
+LMs (GPT-2, LLaMA, GPT-NeoX, MPT, OPT): LayerNorm or RMSNorm, rotary / learned / ALiBi positions,
+GELU or SwiGLU MLPs, multi-head or grouped-query attention, tied or untied embeddings, biases on or
+off, sequential or parallel residuals.
+
+Layer layout. Gated xattn blocks sit *before* LM layers. The paper places them before layer 0 and
+every n-th layer after it (3B: n=1, 24 blocks; 9B: n=4, 10; 80B: n=7 over 80 layers, 12);
+OpenFlamingo places them before layer i when (i+1) % n == 0. Both are expressed as
+  layers: `prefix` plain layers  → groups: G × (xattn block + n layers)  → tail: xattn + r layers
+with prefix = 0 (paper) or n-1 (OpenFlamingo) and G, r = divmod(num_layers - prefix, n). Layers and
+groups are `nn.scan`-ned (optionally rematerialised), so compile time does not grow with depth, and
+the placement is exact when n does not divide the depth. A plain LM (xattn=None) is all `layers`.
+
+Token embeddings: the frozen table `token_embed` [V, D] plus a small trainable table
+`new_token_embed` [n_new, D] for ids V..V+n_new-1 (`<image>`, `<EOC>`, ...), so the new rows learn
+while the pretrained ones stay frozen; untied heads get a matching `new_lm_head`.
+"""
+import dataclasses
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flamingo_jax.models import layers
+from flamingo_jax.models import xattn as xattn_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class XattnConfig:
+  every: int = 1
+  placement: str = "paper"  # 'paper' | 'open_flamingo'
+  num_heads: int = 8
+  head_dim: int = 128
+  ffw_mult: int = 4
+  activation: str = "sqrelu"
+  only_attend_immediate: bool = True
+  norm_kv: bool = True
+  gated: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class LMConfig:
+  """Hyper-parameters of the LM. Sizes follow the usual names; see the module docstring."""
+  vocab_size: int
+  dim: int
+  num_layers: int
+  num_heads: int
+  mlp_dim: int
+  num_new_tokens: int = 2
+  num_kv_heads: int | None = None  # None: multi-head attention.
+  head_dim: int | None = None  # None: dim // num_heads.
+  norm: str = "layernorm"
+  norm_eps: float = 1e-5
+  norm_bias: bool = True
+  position: str = "rotary"  # 'rotary' | 'learned' | 'alibi' | 'none'
+  rotary_pct: float = 1.0  # Fraction of each head rotated (GPT-NeoX uses 0.25).
+  rope_theta: float = 10000.0
+  alibi_bias_max: float = 8.0
+  max_len: int = 2048
+  activation: str = "gelu"
+  gated_mlp: bool = False  # True with activation='silu' is SwiGLU.
+  parallel_residual: bool = False
+  tied_embeddings: bool = True
+  use_bias: bool = False
+  final_norm: bool = True
+  xattn: XattnConfig | None = None
+  num_latents: int = 64  # Visual tokens per image, from the resampler.
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+  remat_policy: str = "none"
+
+  def __post_init__(self):
+    if self.head_dim is None and self.dim % self.num_heads:
+      raise ValueError(f"lm.num_heads={self.num_heads} does not divide lm.dim={self.dim}; set "
+                       "lm.head_dim or choose a divisor.")
+    if self.num_heads % self.kv_heads:
+      raise ValueError(f"lm.num_kv_heads={self.num_kv_heads} must divide lm.num_heads="
+                       f"{self.num_heads}.")
+    if self.position not in ("rotary", "learned", "alibi", "none"):
+      raise ValueError(f"lm.position={self.position!r}; expected rotary|learned|alibi|none.")
+    layers.activation(self.activation)
+    if self.xattn is not None:
+      xattn_layout(self.num_layers, self.xattn.every, self.xattn.placement)
+
+  @property
+  def kv_heads(self) -> int:
+    return self.num_kv_heads or self.num_heads
+
+  @property
+  def head_size(self) -> int:
+    return self.head_dim or self.dim // self.num_heads
+
+
+def make_config(cfg: Any) -> LMConfig:
+  """An LMConfig from a dict / ConfigDict, with an error that names any unknown key."""
+  cfg = dict(cfg)
+  xcfg = cfg.pop("xattn", None)
+  for name, cls, given in (("lm", LMConfig, cfg), ("lm.xattn", XattnConfig, dict(xcfg or {}))):
+    unknown = set(given) - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+      raise ValueError(f"Unknown {name} config keys {sorted(unknown)}; expected a subset of "
+                       f"{sorted(f.name for f in dataclasses.fields(cls))}.")
+  return LMConfig(**cfg, xattn=None if xcfg is None else XattnConfig(**dict(xcfg)))
+
+
+def xattn_layout(num_layers: int, every: int, placement: str) -> tuple[int, int, int]:
+  """(prefix plain layers, groups of xattn + `every` layers, layers in the tail group)."""
+  if placement not in ("paper", "open_flamingo"):
+    raise ValueError(f"xattn.placement={placement!r}; expected 'paper' or 'open_flamingo'.")
+  if not 1 <= every <= num_layers:
+    raise ValueError(f"xattn.every={every} must be in [1, num_layers={num_layers}].")
+  prefix = 0 if placement == "paper" else every - 1
+  groups, tail = divmod(num_layers - prefix, every)
+  return prefix, groups, tail
+
+
+def xattn_layer_indices(cfg: LMConfig) -> list[int]:
+  """0-based indices of the LM layers that a gated xattn block precedes."""
+  if cfg.xattn is None:
+    return []
+  prefix, groups, tail = xattn_layout(cfg.num_layers, cfg.xattn.every, cfg.xattn.placement)
+  return [prefix + g * cfg.xattn.every for g in range(groups + (tail > 0))]
+
+
+def rotary(x, positions, rotary_dim: int, theta: float):
+  """Rotary embedding (rotate-half layout, as HF LLaMA/GPT-NeoX) of the first rotary_dim dims.
+
+  x: [B, L, H, D]; positions: [B, L].
+  """
+  inv_freq = 1.0 / theta ** (np.arange(0, rotary_dim, 2, dtype=np.float32) / rotary_dim)
+  angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, L, rd/2]
+  cos = jnp.concatenate([jnp.cos(angles)] * 2, -1)[:, :, None]
+  sin = jnp.concatenate([jnp.sin(angles)] * 2, -1)[:, :, None]
+  xr, xp = x[..., :rotary_dim].astype(jnp.float32), x[..., rotary_dim:]
+  x1, x2 = jnp.split(xr, 2, axis=-1)
+  xr = xr * cos + jnp.concatenate([-x2, x1], -1) * sin
+  return jnp.concatenate([xr.astype(x.dtype), xp], -1)
+
+
+def alibi_slopes(num_heads: int, bias_max: float) -> np.ndarray:
+  """ALiBi head slopes, as MPT computes them (also for head counts that are not powers of 2)."""
+  n = 2 ** math.ceil(math.log2(num_heads))
+  slopes = 1.0 / 2 ** (np.arange(1, n + 1) * (bias_max / n))
+  if n != num_heads:
+    slopes = np.concatenate([slopes[1::2], slopes[::2]])[:num_heads]
+  return slopes.astype(np.float32)
+
+
+class SelfAttention(nn.Module):
+  """Causal self-attention; in decode mode keys/values go to a fixed-size cache in 'cache'."""
+  cfg: LMConfig
+  decode: bool = False
+
+  @nn.compact
+  def __call__(self, x, positions):  # x: [B, L, D]; positions: [B, L]
+    cfg = self.cfg
+    kw = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype),
+              use_bias=cfg.use_bias)
+    dh = cfg.head_size
+    q = layers.dense((cfg.num_heads, dh), ("embed", "heads", "kv"), **kw, name="query")(x)
+    k = layers.dense((cfg.kv_heads, dh), ("embed", "kv_heads", "kv"), **kw, name="key")(x)
+    v = layers.dense((cfg.kv_heads, dh), ("embed", "kv_heads", "kv"), **kw, name="value")(x)
+    if cfg.position == "rotary":
+      rd = int(dh * cfg.rotary_pct)
+      q, k = (rotary(t, positions, rd, cfg.rope_theta) for t in (q, k))
+
+    b, l = x.shape[:2]
+    q_slot = jnp.arange(l)  # Where each query sits in the key sequence.
+    if self.decode:
+      initialised = self.has_variable("cache", "cached_key")
+      ck = self.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype)
+      cv = self.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype)
+      ci = self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
+      if initialised:  # Write this chunk at the cache index; attend over the whole cache.
+        idx = ci.value
+        ck.value = jax.lax.dynamic_update_slice(ck.value, k, (0, idx, 0, 0))
+        cv.value = jax.lax.dynamic_update_slice(cv.value, v, (0, idx, 0, 0))
+        ci.value = idx + l
+        k, v, q_slot = ck.value, cv.value, idx + q_slot
+    k_slot = jnp.arange(k.shape[1])
+    mask = (k_slot[None, :] <= q_slot[:, None])[None, None]  # [1, 1, L, S]
+    bias = None
+    if cfg.position == "alibi":
+      slopes = jnp.asarray(alibi_slopes(cfg.num_heads, cfg.alibi_bias_max))
+      bias = -slopes[None, :, None, None] * (q_slot[:, None] - k_slot[None, :])[None, None]
+    out = layers.attention(q, k, v, mask=mask, bias=bias)
+    return layers.dense(cfg.dim, ("heads", "kv", "embed"), axis=(-2, -1), **kw, name="out")(out)
+
+
+class Mlp(nn.Module):
+  cfg: LMConfig
+
+  @nn.compact
+  def __call__(self, x):
+    cfg = self.cfg
+    kw = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype),
+              use_bias=cfg.use_bias)
+    h = layers.activation(cfg.activation)(
+        layers.dense(cfg.mlp_dim, ("embed", "mlp"), **kw, name="wi")(x))
+    if cfg.gated_mlp:
+      h = h * layers.dense(cfg.mlp_dim, ("embed", "mlp"), **kw, name="wi_up")(x)
+    return layers.dense(cfg.dim, ("mlp", "embed"), **kw, name="wo")(h)
+
+
+class DecoderLayer(nn.Module):
+  """Pre-norm block: x += attn(norm(x)); x += mlp(norm(x)) (or both from x when parallel)."""
+  cfg: LMConfig
+  decode: bool = False
+
+  @nn.compact
+  def __call__(self, x, positions):
+    cfg = self.cfg
+    nkw = dict(eps=cfg.norm_eps, use_bias=cfg.norm_bias, dtype=jnp.dtype(cfg.dtype),
+               param_dtype=jnp.dtype(cfg.param_dtype))
+    a = SelfAttention(cfg, self.decode, name="attn")(
+        layers.norm(cfg.norm, **nkw, name="norm_attn")(x), positions)
+    if cfg.parallel_residual:
+      x = x + a + Mlp(cfg, name="mlp")(layers.norm(cfg.norm, **nkw, name="norm_mlp")(x))
+    else:
+      x = x + a
+      x = x + Mlp(cfg, name="mlp")(layers.norm(cfg.norm, **nkw, name="norm_mlp")(x))
+    return x, None
+
+
+def _layer_stack(cfg: LMConfig, length: int, decode: bool, name: str):
+  """`length` DecoderLayers scanned, with stacked parameters on a leading 'layers' axis."""
+  return nn.scan(
+      layers.remat(DecoderLayer, cfg.remat_policy),
+      variable_axes={"params": 0, "cache": 0}, split_rngs={"params": True},
+      in_axes=nn.broadcast, length=length, metadata_params={nn.PARTITION_NAME: "layers"},
+  )(cfg, decode, name=name)
+
+
+class XattnGroup(nn.Module):
+  """A gated xattn block followed by `length` frozen LM layers."""
+  cfg: LMConfig
+  length: int
+  decode: bool = False
+
+  @nn.compact
+  def __call__(self, x, visual, media_idx, positions):
+    cfg, xc = self.cfg, self.cfg.xattn
+    block = layers.remat(xattn_lib.GatedXattnDense, cfg.remat_policy, static_argnums=(4,))
+    x = block(num_heads=xc.num_heads, num_latents=cfg.num_latents, head_dim=xc.head_dim,
+              ffw_mult=xc.ffw_mult, activation=xc.activation,
+              only_attend_immediate=xc.only_attend_immediate, norm_kv=xc.norm_kv,
+              gated=xc.gated, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype),
+              name="xattn")(x, visual, media_idx, self.decode)
+    x, _ = _layer_stack(cfg, self.length, self.decode, "layers")(x, positions)
+    return x, None
+
+
+class LM(nn.Module):
+  """tokens [B, L] (+ visual [B, N, R, Dv], media_idx [B, L]) -> logits [B, L, V + n_new] float32.
+
+  `decode=True` runs incrementally: the first call (on the prompt, visual given) fills the KV cache
+  and the visual keys/values; later calls pass the new tokens and visual=None.
+  """
+  cfg: LMConfig
+  decode: bool = False
+
+  def embed(self, tokens):
+    cfg = self.cfg
+    init = lambda axes: nn.with_logical_partitioning(nn.initializers.normal(0.02), axes)
+    pdt = jnp.dtype(cfg.param_dtype)
+    table = self.param("token_embed", init(("vocab", "embed")), (cfg.vocab_size, cfg.dim), pdt)
+    x = jnp.take(table, jnp.clip(tokens, 0, cfg.vocab_size - 1), axis=0)
+    new_table = None
+    if cfg.num_new_tokens:
+      new_table = self.param("new_token_embed", init((None, "embed")),
+                             (cfg.num_new_tokens, cfg.dim), pdt)
+      new_ids = jnp.clip(tokens - cfg.vocab_size, 0, cfg.num_new_tokens - 1)
+      x = jnp.where((tokens >= cfg.vocab_size)[..., None], jnp.take(new_table, new_ids, 0), x)
+    return x.astype(jnp.dtype(cfg.dtype)), table, new_table
+
+  def head(self, x, table, new_table):
+    cfg = self.cfg
+    if cfg.tied_embeddings:
+      tables = [table] + ([new_table] if new_table is not None else [])
+      return jnp.concatenate(
+          [jnp.einsum("bld,vd->blv", x, t.astype(x.dtype)) for t in tables], -1)
+    kw = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype), use_bias=False)
+    logits = [layers.dense(cfg.vocab_size, ("embed", "vocab"), **kw, name="lm_head")(x)]
+    if cfg.num_new_tokens:
+      logits.append(layers.dense(cfg.num_new_tokens, ("embed", None), **kw,
+                                 name="new_lm_head")(x))
+    return jnp.concatenate(logits, -1)
+
+  @nn.compact
+  def __call__(self, tokens, visual=None, media_idx=None, positions=None):
+    cfg = self.cfg
+    x, table, new_table = self.embed(tokens)  # [B, L, D]
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+      if self.decode:
+        index = self.variable("cache", "index", lambda: jnp.array(0, jnp.int32))
+        if self.is_initializing():
+          index.value = jnp.array(0, jnp.int32)
+        else:
+          positions = positions + index.value
+          index.value = index.value + tokens.shape[1]
+    if cfg.position == "learned":
+      pos_table = self.param(
+          "pos_embed", nn.with_logical_partitioning(nn.initializers.normal(0.01),
+                                                    ("positions", "embed")),
+          (cfg.max_len, cfg.dim), jnp.dtype(cfg.param_dtype))
+      x = x + jnp.take(pos_table, positions, axis=0).astype(x.dtype)
+
+    if cfg.xattn is None:
+      prefix, groups, tail = cfg.num_layers, 0, 0
+    else:
+      prefix, groups, tail = xattn_layout(cfg.num_layers, cfg.xattn.every, cfg.xattn.placement)
+      if media_idx is None:
+        raise ValueError("media_idx is required when the LM has xattn blocks.")
+    if prefix:
+      x, _ = _layer_stack(cfg, prefix, self.decode, "layers")(x, positions)
+    if groups:
+      x, _ = nn.scan(
+          XattnGroup, variable_axes={"params": 0, "cache": 0}, split_rngs={"params": True},
+          in_axes=nn.broadcast, length=groups, metadata_params={nn.PARTITION_NAME: "groups"},
+      )(cfg, cfg.xattn.every, self.decode, name="groups")(x, visual, media_idx, positions)
+    if tail:
+      x, _ = XattnGroup(cfg, tail, self.decode, name="tail")(x, visual, media_idx, positions)
+    if cfg.final_norm:
+      x = layers.norm(cfg.norm, eps=cfg.norm_eps, use_bias=cfg.norm_bias, dtype=x.dtype,
+                      param_dtype=jnp.dtype(cfg.param_dtype), name="norm_final")(x)
+    return self.head(x, table, new_table).astype(jnp.float32)
+
+
+def split_layers(params: dict, cfg: LMConfig) -> tuple[list[Any], list[Any]]:
+  """The LM's scanned layer parameters as per-layer trees: ([L layer trees], [xattn block trees]).
+
+  Converters and loaders work per layer and `join_layers` stacks them back into this model's
+  layout, so an LM checkpoint loads into any xattn placement.
+  """
+  prefix, groups, tail = (cfg.num_layers, 0, 0) if cfg.xattn is None else xattn_layout(
+      cfg.num_layers, cfg.xattn.every, cfg.xattn.placement)
+  unstack = lambda tree, n: [jax.tree_util.tree_map(lambda a, i=i: a[i], tree) for i in range(n)]
+  layer_trees, xattn_trees = [], []
+  if prefix:
+    layer_trees += unstack(params["layers"], prefix)
+  for group in unstack(params["groups"], groups) if groups else []:
+    xattn_trees.append(group["xattn"])
+    layer_trees += unstack(group["layers"], cfg.xattn.every)
+  if tail:
+    xattn_trees.append(params["tail"]["xattn"])
+    layer_trees += unstack(params["tail"]["layers"], tail)
+  return layer_trees, xattn_trees
+
+
+def join_layers(layer_trees: list[Any], xattn_trees: list[Any], cfg: LMConfig) -> dict:
+  """Inverse of `split_layers`: {'layers'?, 'groups'?, 'tail'?} in this config's layout."""
+  prefix, groups, tail = (cfg.num_layers, 0, 0) if cfg.xattn is None else xattn_layout(
+      cfg.num_layers, cfg.xattn.every, cfg.xattn.placement)
+  if len(layer_trees) != cfg.num_layers or len(xattn_trees) != groups + (tail > 0):
+    raise ValueError(f"Expected {cfg.num_layers} layers and {groups + (tail > 0)} xattn blocks; "
+                     f"got {len(layer_trees)} and {len(xattn_trees)}.")
+  stack = lambda trees: jax.tree_util.tree_map(lambda *a: jnp.stack(a), *trees)
+  out = {}
+  if prefix:
+    out["layers"] = stack(layer_trees[:prefix])
+  if groups:
+    n = cfg.xattn.every
+    out["groups"] = stack([
+        {"xattn": xattn_trees[g], "layers": stack(layer_trees[prefix + g * n:prefix + (g + 1) * n])}
+        for g in range(groups)])
+  if tail:
+    out["tail"] = {"xattn": xattn_trees[-1], "layers": stack(layer_trees[-tail:])}
+  return out

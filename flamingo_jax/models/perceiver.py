@@ -1,0 +1,101 @@
+"""Perceiver Resampler (Flamingo paper, Sec. 2.1 and Fig. 5).
+
+Maps a variable number of visual features per image/video [B, N, T, S, C] to R visual tokens each,
+[B, N, R, D]. A learned time embedding is added per frame (no spatial position encoding), the frames
+are flattened into one set of T·S features x_f, and R learned latents x attend to concat(x_f, x):
+  x += attn(q=x, kv=concat(x_f, x));  x += ffw(x)
+for L layers, then a final LayerNorm. Features are linearly projected to D first when C != D.
+"""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from flamingo_jax.models import layers
+
+Dtype = layers.Dtype
+
+
+def time_embedding(table, num_frames: int):
+  """The learned [T_max, C] table at num_frames rows; linearly interpolated when T > T_max.
+
+  Interpolation lets a model trained on 8 frames run on longer clips at inference (the paper
+  evaluates on 30 frames after training on 8).
+  """
+  t_max = table.shape[0]
+  if num_frames <= t_max:
+    return table[:num_frames]
+  return jax.image.resize(table, (num_frames, table.shape[1]), method="linear")
+
+
+class PerceiverAttention(nn.Module):
+  """Latents attend to the features and to themselves, as OpenFlamingo's PerceiverAttention."""
+  num_heads: int
+  head_dim: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_f, x):  # x_f: [B, F, D]; x: [B, R, D] -> [B, R, D]
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    proj = lambda name: layers.dense((self.num_heads, self.head_dim), ("embed", "heads", "kv"),
+                                     **kw, name=name)
+    x_f = layers.norm("layernorm", **kw, name="norm_media")(x_f)
+    x = layers.norm("layernorm", **kw, name="norm_latents")(x)
+    kv_in = jnp.concatenate([x_f, x], axis=1)
+    out = layers.attention(proj("query")(x), proj("key")(kv_in), proj("value")(kv_in))
+    return layers.dense(x.shape[-1], ("heads", "kv", "embed"), axis=(-2, -1), **kw,
+                        name="out")(out)
+
+
+class ResamplerLayer(nn.Module):
+  num_heads: int
+  head_dim: int
+  ffw_mult: int
+  activation: str
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, x_f):
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    x = x + PerceiverAttention(self.num_heads, self.head_dim, **kw, name="attn")(x_f, x)
+    x = x + layers.FeedForward(self.ffw_mult, self.activation, **kw, name="ffw")(x)
+    return x, None
+
+
+class PerceiverResampler(nn.Module):
+  """[B, N, T, S, C] visual features -> [B, N, R, D] visual tokens."""
+  dim: int = 1536
+  num_layers: int = 6
+  num_heads: int = 16
+  head_dim: int = 128
+  num_latents: int = 64
+  max_frames: int = 8
+  ffw_mult: int = 4
+  activation: str = "sqrelu"
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, features):
+    if features.ndim != 5:
+      raise ValueError(f"resampler input must be [B, N, T, S, C]; got shape {features.shape}.")
+    b, n, t, s, c = features.shape
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    init = lambda axes, std=0.02: nn.with_logical_partitioning(nn.initializers.normal(std), axes)
+    time_table = self.param("time_embed", init(("frames", "vis_embed")), (self.max_frames, c),
+                            self.param_dtype)
+    x_f = features + time_embedding(time_table, t)[:, None].astype(features.dtype)
+    x_f = x_f.reshape(b * n, t * s, c).astype(self.dtype)  # Frames flattened into one set.
+    if c != self.dim:
+      x_f = layers.dense(self.dim, ("vis_embed", "embed"), **kw, name="input_proj")(x_f)
+    latents = self.param("latents", init(("latents", "embed"), 1.0),
+                         (self.num_latents, self.dim), self.param_dtype)
+    x = jnp.broadcast_to(latents.astype(self.dtype), (b * n, self.num_latents, self.dim))
+    x, _ = nn.scan(ResamplerLayer, variable_axes={"params": 0}, split_rngs={"params": True},
+                   in_axes=nn.broadcast, length=self.num_layers,
+                   metadata_params={nn.PARTITION_NAME: "layers"})(
+                       self.num_heads, self.head_dim, self.ffw_mult, self.activation, **kw,
+                       name="layers")(x, x_f)
+    x = layers.norm("layernorm", **kw, name="norm")(x)
+    return x.reshape(b, n, self.num_latents, self.dim)

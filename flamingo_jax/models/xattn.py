@@ -1,0 +1,106 @@
+"""Masked cross-attention and the GATED XATTN-DENSE block (Flamingo paper, Sec. 2.2 and Fig. 4).
+
+Text tokens (queries) attend to the visual tokens produced by the Perceiver Resampler. Which image a
+token may see is given by `media_idx`: the 1-based index of the last `<image>` at or before the token
+(0 = no image yet). By default a token sees only that image's R tokens (the paper's per-image
+masking); `only_attend_immediate=False` is the paper's ablation (all previous images). Tokens with
+media_idx 0 get a zero cross-attention output, so they are exactly as the frozen LM computes them.
+"""
+import flax.linen as nn
+import jax.numpy as jnp
+
+from flamingo_jax.models import layers
+
+Dtype = layers.Dtype
+
+
+def media_mask(media_idx, num_media: int, num_latents: int, only_attend_immediate: bool):
+  """Which visual tokens each text token may attend to.
+
+  media_idx: [B, L] int; visual tokens are laid out image by image, R = num_latents each.
+  Returns a bool mask [B, 1, L, N*R].
+  """
+  key_media = jnp.repeat(jnp.arange(1, num_media + 1), num_latents)  # [N*R]
+  q = media_idx[:, :, None]
+  allowed = (key_media == q) if only_attend_immediate else (key_media <= q)
+  return allowed[:, None]
+
+
+class MaskedCrossAttention(nn.Module):
+  """Text→visual attention with LayerNorm on queries and (optionally) on keys/values.
+
+  In decode mode the projected visual keys/values are stored in the 'cache' collection on the
+  prompt's call and reused by every later step, which passes visual=None.
+  """
+  num_heads: int
+  num_latents: int
+  head_dim: int = 128
+  only_attend_immediate: bool = True
+  norm_kv: bool = True  # The paper normalises keys/values; OpenFlamingo does not.
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, y, visual, media_idx, decode: bool = False):
+    """y: [B, L, D]; visual: [B, N, R, Dv] or None (decode steps); media_idx: [B, L] -> [B, L, D]."""
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    proj = lambda name: layers.dense((self.num_heads, self.head_dim), ("embed", "heads", "kv"),
+                                     **kw, name=name)
+    if visual is not None:
+      b, n, r, dv = visual.shape
+      if r != self.num_latents:
+        raise ValueError(f"visual tokens per image ({r}) != num_latents ({self.num_latents}).")
+      x = visual.reshape(b, n * r, dv)
+      if self.norm_kv:
+        x = layers.norm("layernorm", **kw, name="norm_kv")(x)
+      k, v = proj("key")(x), proj("value")(x)  # [B, N*R, H, Dh]
+    if decode:
+      cached_k = self.variable("cache", "visual_key", lambda: jnp.zeros_like(k))
+      cached_v = self.variable("cache", "visual_value", lambda: jnp.zeros_like(v))
+      if visual is None:
+        k, v = cached_k.value, cached_v.value
+      else:
+        cached_k.value, cached_v.value = k, v
+    elif visual is None:
+      raise ValueError("visual features are required outside decode mode.")
+
+    x = layers.norm("layernorm", **kw, name="norm_q")(y)
+    q = proj("query")(x)  # [B, L, H, Dh]
+    mask = media_mask(media_idx, k.shape[1] // self.num_latents, self.num_latents,
+                      self.only_attend_immediate)
+    out = layers.attention(q, k, v, mask=mask)  # [B, L, H, Dh]
+    out = jnp.where((media_idx > 0)[:, :, None, None], out, 0)  # No image yet: no visual input.
+    return layers.dense(y.shape[-1], ("heads", "kv", "embed"), axis=(-2, -1), **kw,
+                        name="out")(out)
+
+
+class GatedXattnDense(nn.Module):
+  """y += tanh(a_attn)·xattn(y, x);  y += tanh(a_ffw)·ffw(y), with scalar gates a initialised at 0.
+
+  At initialisation the block is the identity, so Flamingo starts out equal to the frozen LM.
+  `gated=False` drops the tanh gates (the paper's ablation).
+  """
+  num_heads: int
+  num_latents: int
+  head_dim: int = 128
+  ffw_mult: int = 4
+  activation: str = "sqrelu"
+  only_attend_immediate: bool = True
+  norm_kv: bool = True
+  gated: bool = True
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, y, visual, media_idx, decode: bool = False):
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    g_attn = g_ffw = 1.0
+    if self.gated:
+      gate_init = nn.with_logical_partitioning(nn.initializers.zeros_init(), ())
+      g_attn = jnp.tanh(self.param("attn_gate", gate_init, (), self.param_dtype))
+      g_ffw = jnp.tanh(self.param("ffw_gate", gate_init, (), self.param_dtype))
+    attn = MaskedCrossAttention(self.num_heads, self.num_latents, self.head_dim,
+                                self.only_attend_immediate, self.norm_kv, **kw, name="attn")
+    y = y + jnp.asarray(g_attn, y.dtype) * attn(y, visual, media_idx, decode)
+    ffw = layers.FeedForward(self.ffw_mult, self.activation, **kw, name="ffw")
+    return y + jnp.asarray(g_ffw, y.dtype) * ffw(y)

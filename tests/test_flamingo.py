@@ -1,0 +1,116 @@
+"""The composed Flamingo model: the paper's claims at the level of the whole model."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from flamingo_jax.models import lm
+from tests import model_utils
+
+
+@pytest.fixture(scope="module")
+def setup():
+  model, cfg = model_utils.tiny_model()
+  images, tokens, media_idx = model_utils.random_inputs(0)
+  params = model_utils.init(model, images, tokens, media_idx)
+  # As after training: open gates and a time embedding of the features' scale.
+  params = model_utils.set_gates(params, 0.8)
+  forward = jax.jit(lambda p, i, t, m: model.apply({"params": p}, i, t, m))
+  return model, cfg, params, forward, (images, tokens, media_idx)
+
+
+def test_closed_gates_give_exactly_the_frozen_lm(setup):
+  model, _, params, forward, (images, tokens, media_idx) = setup
+  closed = model_utils.set_gates(params, 0.0)
+  plain_cfg = lm.make_config({**model.lm.__dict__, "xattn": None})
+  layer_trees, _ = lm.split_layers(closed["lm"], model.lm)
+  plain = {k: v for k, v in closed["lm"].items() if k not in ("groups", "tail", "layers")}
+  plain.update(lm.join_layers(layer_trees, [], plain_cfg))
+  want = lm.LM(plain_cfg).apply({"params": plain}, tokens)
+  for seed in (1, 2):  # Any images. (Equal up to XLA's float reassociation across programs.)
+    other_images = model_utils.random_inputs(seed)[0]
+    np.testing.assert_allclose(forward(closed, other_images, tokens, media_idx), want, rtol=1e-5,
+                               atol=1e-6)
+
+
+@pytest.mark.parametrize("image", [0, 1])
+def test_changing_an_image_never_reaches_earlier_tokens(setup, image):
+  _, _, params, forward, (images, tokens, media_idx) = setup
+  base = forward(params, images, tokens, media_idx)
+  noise = jax.random.normal(jax.random.PRNGKey(3), images.shape[2:])
+  changed = forward(params, images.at[:, image].add(noise), tokens, media_idx)
+  moved = np.abs(np.asarray(changed - base)).max(-1) > 1e-5  # [B, L]
+  mi = np.asarray(media_idx)
+  assert not moved[mi < image + 1].any()  # Tokens before image j (incl. media_idx 0) never move.
+  assert moved[mi == image + 1].all()  # Tokens that attend to image j do.
+
+
+def test_video_frame_order_matters():
+  model, _ = model_utils.tiny_model()
+  images, tokens, media_idx = model_utils.random_inputs(0, frames=4)
+  params = model_utils.set_gates(model_utils.init(model, images, tokens, media_idx), 0.8)
+  table = params["resampler"]["time_embed"]
+  params["resampler"]["time_embed"] = jax.random.normal(jax.random.PRNGKey(1), table.shape)
+  forward = jax.jit(lambda i: model.apply({"params": params}, i, tokens, media_idx))
+  shuffled = images[:, :, jnp.array([3, 1, 0, 2])]
+  np.testing.assert_array_equal(forward(images), forward(images))  # Deterministic: diffs are real.
+  assert np.abs(np.asarray(forward(shuffled) - forward(images))).max() > 1e-6
+
+
+def test_frozen_vision_gets_no_gradient(setup):
+  model, _, params, _, (images, tokens, media_idx) = setup
+  loss = lambda p: jnp.mean(model.apply({"params": p}, images, tokens, media_idx) ** 2)
+  grads = jax.jit(jax.grad(loss))(params)
+  assert all(float(jnp.abs(g).max()) == 0 for g in jax.tree_util.tree_leaves(grads["vision"]))
+  assert float(jnp.abs(grads["resampler"]["latents"]).max()) > 0
+
+
+def test_bf16_compute_with_fp32_params():
+  model, _ = model_utils.tiny_model(dtype="bfloat16")
+  images, tokens, media_idx = model_utils.random_inputs(0)
+  variables = jax.jit(model.init)(jax.random.PRNGKey(0), images, tokens, media_idx)
+  assert {x.dtype for x in jax.tree_util.tree_leaves(nn.unbox(variables))} == {jnp.dtype("float32")}
+  visual = jax.jit(lambda v: model.apply(v, images, method=model.encode_images))(variables)
+  assert visual.dtype == jnp.bfloat16 and visual.shape == (2, 2, 4, 32)
+  logits = jax.jit(model.apply)(variables, images, tokens, media_idx)
+  assert logits.dtype == jnp.float32 and logits.shape == (2, 12, 66)
+
+
+def test_jit_forward_sharded_over_8_devices(setup):
+  model, _, params, forward, _ = setup
+  assert jax.device_count() == 8, "tests/conftest.py sets 8 virtual CPU devices"
+  images, tokens, media_idx = model_utils.random_inputs(4, batch=8)
+  mesh = Mesh(np.array(jax.devices()).reshape(4, 2), ("data", "model"))
+  shard = lambda x: jax.device_put(x, NamedSharding(mesh, P("data")))
+  sharded = jax.jit(lambda p, i, t, m: model.apply({"params": p}, i, t, m),
+                    out_shardings=NamedSharding(mesh, P("data")))
+  got = sharded(params, shard(images), shard(tokens), shard(media_idx))
+  assert got.sharding.spec == P("data")
+  np.testing.assert_allclose(got, forward(params, images, tokens, media_idx), rtol=1e-5,
+                             atol=1e-5)
+
+
+def test_incremental_decoding_matches_full_forward(setup):
+  _, cfg, params, forward, (images, tokens, media_idx) = setup
+  decoder, _ = model_utils.tiny_model(decode=True)
+  max_len = 16
+  zeros = jnp.zeros((2, max_len), jnp.int32)
+  cache = jax.jit(decoder.init)(jax.random.PRNGKey(0), images, zeros, zeros)["cache"]
+  prompt = 8
+  step = jax.jit(lambda p, c, i, t, m: decoder.apply({"params": p, "cache": c}, i, t, m,
+                                                     mutable=["cache"]))
+  logits, state = step(params, cache, images, tokens[:, :prompt], media_idx[:, :prompt])
+  outs = [logits]
+  for t in range(prompt, tokens.shape[1]):
+    logits, state = step(params, state["cache"], None, tokens[:, t:t + 1], media_idx[:, t:t + 1])
+    outs.append(logits)
+  np.testing.assert_allclose(jnp.concatenate(outs, 1), forward(params, images, tokens, media_idx),
+                             rtol=1e-4, atol=1e-4)
+
+
+def test_bad_image_rank_is_an_error(setup):
+  model, _, params, _, (_, tokens, media_idx) = setup
+  with pytest.raises(ValueError, match=r"\[B, N, T, H, W, 3\]"):
+    model.apply({"params": params}, jnp.zeros((2, 32, 32, 3)), tokens, media_idx)

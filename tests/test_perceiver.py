@@ -1,0 +1,68 @@
+"""Perceiver Resampler: shapes, time embeddings, no spatial position encoding."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from flamingo_jax.models import perceiver
+
+B, N, T, S, C = 2, 3, 4, 5, 12
+
+
+@pytest.fixture(scope="module")
+def model_and_params():
+  model = perceiver.PerceiverResampler(dim=16, num_layers=2, num_heads=2, head_dim=8,
+                                       num_latents=6, max_frames=T, ffw_mult=2)
+  x = jax.random.normal(jax.random.PRNGKey(0), (B, N, T, S, C))
+  params = nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(1), x))
+  return model, params, x
+
+
+def test_shapes(model_and_params):
+  model, params, x = model_and_params
+  assert model.apply(params, x).shape == (B, N, 6, 16)
+  assert model.apply(params, x[:, :, :1]).shape == (B, N, 6, 16)  # Still images: T = 1.
+
+
+def test_frame_order_matters(model_and_params):
+  """With learned time embeddings, shuffled frames give different visual tokens."""
+  model, params, x = model_and_params
+  time_embed = jax.random.normal(jax.random.PRNGKey(2), params["params"]["time_embed"].shape)
+  params = {"params": {**params["params"], "time_embed": time_embed}}  # As after training.
+  shuffled = x[:, :, jnp.array([2, 0, 3, 1])]
+  diff = np.abs(np.asarray(model.apply(params, shuffled) - model.apply(params, x))).max()
+  assert diff > 1e-3
+
+
+def test_no_spatial_position_encoding(model_and_params):
+  """Permuting spatial positions within every frame leaves the output unchanged."""
+  model, params, x = model_and_params
+  permuted = x[:, :, :, jnp.array([4, 2, 0, 1, 3])]
+  np.testing.assert_allclose(model.apply(params, permuted), model.apply(params, x), rtol=1e-5,
+                             atol=1e-5)
+
+
+def test_images_are_resampled_independently(model_and_params):
+  model, params, x = model_and_params
+  out = model.apply(params, x)
+  changed = model.apply(params, x.at[:, 1].multiply(-1.0))
+  np.testing.assert_allclose(changed[:, 0], out[:, 0], rtol=1e-6)
+  np.testing.assert_allclose(changed[:, 2], out[:, 2], rtol=1e-6)
+  assert np.abs(np.asarray(changed[:, 1] - out[:, 1])).max() > 1e-3
+
+
+def test_time_embedding_interpolates_to_more_frames(model_and_params):
+  model, params, x = model_and_params
+  table = params["params"]["time_embed"]
+  longer = perceiver.time_embedding(table, 2 * T - 1)
+  assert longer.shape == (2 * T - 1, C)
+  np.testing.assert_allclose(longer[0], table[0], rtol=1e-5)
+  np.testing.assert_allclose(longer[-1], table[-1], rtol=1e-5)
+  assert model.apply(params, jnp.concatenate([x, x[:, :, :3]], 2)).shape == (B, N, 6, 16)
+
+
+def test_bad_rank_is_an_error(model_and_params):
+  model, params, x = model_and_params
+  with pytest.raises(ValueError, match=r"\[B, N, T, S, C\]"):
+    model.apply(params, x[:, 0])
