@@ -1,0 +1,1 @@
+"""Input pipeline: tokenizer, Flamingo sequences, pp ops and the training mixture."""

@@ -1,0 +1,194 @@
+"""The training mixture: one batch per dataset per step, deterministic and exactly resumable.
+
+Each dataset is a TFDS builder read through random access (`builder.as_data_source`, ArrayRecord
+files), not a tf.data pipeline. Random access makes the input a pure function of the step:
+  stream position p = step * batch_size + i  (i < batch_size, the global batch)
+  record           = permutation_epoch(p // n)[p % n]   (a fresh seeded shuffle every epoch)
+  example rng      = seeded by (seed, dataset, p)       (flips, jitter, caption choice, p_next)
+so the iterator's whole state is `{'step': int}` (JSON), a resumed run sees exactly the batches an
+uninterrupted one would, and host h of P computes only its slice [h * B/P, (h + 1) * B/P) of the
+global batch. tf.data would need its own (non-JSON) iterator checkpoints or an O(steps) skip on
+resume; grain would add a dependency for what these few lines do. The price is one Python process
+of per-example pp work (with `num_workers` threads), fine at demo scale.
+
+TFDS builders are opened with file_format='array_record' and prepared if needed (as `tfds.load`
+does), so the embedded demo datasets generate themselves locally on first use.
+"""
+import concurrent.futures
+import functools
+import zlib
+from typing import Any, Mapping, Sequence
+
+import jax
+import numpy as np
+import tensorflow_datasets as tfds
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from flamingo_jax.data import pp
+from flamingo_jax.data import tokenizer as tokenizer_lib
+
+# One dataset's config: tfds_name, split, batch_size (global), pp, weight (λ, default 1), data_dir.
+_FIELDS = {"tfds_name", "split", "batch_size", "pp", "weight", "data_dir"}
+_REQUIRED = {"tfds_name", "split", "batch_size", "pp"}
+
+
+def open_source(tfds_name: str, split: str, data_dir: str | None = None) -> Sequence[dict]:
+  """A TFDS split as a random-access sequence of decoded examples."""
+  builder = tfds.builder(tfds_name, data_dir=data_dir, file_format="array_record")
+  builder.download_and_prepare()
+  return builder.as_data_source(split)
+
+
+def _key(name: str) -> int:
+  return zlib.crc32(name.encode())
+
+
+@functools.lru_cache(maxsize=16)
+def _permutation(num_records: int, seed: int, name: str, epoch: int) -> np.ndarray:
+  return np.random.default_rng([seed, _key(name), 0, epoch]).permutation(num_records)
+
+
+def record_indices(num_records: int, positions: np.ndarray, *, seed: int, name: str) -> np.ndarray:
+  """Stream positions -> record indices: each epoch is a fresh seeded permutation of the records."""
+  epochs, offsets = np.divmod(positions, num_records)
+  return np.array([_permutation(num_records, seed, name, int(e))[o]
+                   for e, o in zip(epochs, offsets)], np.int64)
+
+
+def host_batch(source: Sequence[dict], pp_fn, *, step: int, batch_size: int, seed: int, name: str,
+               process_index: int = 0, process_count: int = 1,
+               executor: concurrent.futures.Executor | None = None) -> dict[str, np.ndarray]:
+  """This host's slice of dataset `name`'s global batch at `step` (numpy, leading axis B/P)."""
+  if batch_size % process_count:
+    raise ValueError(f"dataset {name!r}: batch_size={batch_size} is not divisible by "
+                     f"process_count={process_count}.")
+  if not len(source):
+    raise ValueError(f"dataset {name!r} has no records.")
+  per_host = batch_size // process_count
+  positions = step * batch_size + process_index * per_host + np.arange(per_host)
+  records = record_indices(len(source), positions, seed=seed, name=name)
+
+  def example(position_record):
+    position, record = position_record
+    ex = dict(source[int(record)])
+    ex["_rng"] = np.random.default_rng([seed, _key(name), 1, int(position)])
+    return pp_fn(ex)
+
+  examples = list((executor.map if executor else map)(example, zip(positions, records)))
+  batch = {}
+  for field in examples[0]:
+    shapes = {np.shape(e.get(field)) for e in examples}
+    if len(shapes) != 1:
+      raise ValueError(f"dataset {name!r}: pp field {field!r} has shapes {sorted(shapes)} across "
+                       "examples; the pp string must produce fixed shapes (resize_pad, max_len).")
+    batch[field] = np.stack([e[field] for e in examples])
+  return batch
+
+
+def to_global(batch: Mapping[str, np.ndarray], mesh: Mesh,
+              batch_axes: Sequence[str] = ("data", "fsdp")) -> dict[str, jax.Array]:
+  """Host batches -> global jax.Arrays, batch axis sharded over `batch_axes` of `mesh`."""
+  missing = set(batch_axes) - set(mesh.axis_names)
+  if missing:
+    raise ValueError(f"batch_axes {tuple(batch_axes)} name axes {sorted(missing)} that the mesh "
+                     f"{tuple(mesh.axis_names)} lacks.")
+  sharding = NamedSharding(mesh, PartitionSpec(tuple(batch_axes)))
+  shards = int(np.prod([mesh.shape[a] for a in batch_axes]))
+  out = {}
+  for field, x in batch.items():
+    global_b = x.shape[0] * jax.process_count()
+    if global_b % shards:
+      raise ValueError(f"global batch {global_b} (field {field!r}) is not divisible by the "
+                       f"{shards} devices of mesh axes {tuple(batch_axes)}.")
+    out[field] = jax.make_array_from_process_local_data(sharding, x)
+  return out
+
+
+def _check_config(datasets: Mapping[str, Mapping[str, Any]]) -> None:
+  if not datasets:
+    raise ValueError("the mixture has no datasets.")
+  for name, cfg in datasets.items():
+    keys = set(cfg.keys())
+    if keys - _FIELDS or _REQUIRED - keys:
+      raise ValueError(f"dataset {name!r}: fields {sorted(keys)}; expected {sorted(_REQUIRED)} and "
+                       f"optionally {sorted(_FIELDS - _REQUIRED)}.")
+    if cfg["batch_size"] < 1:
+      raise ValueError(f"dataset {name!r}: batch_size={cfg['batch_size']}; expected >= 1.")
+
+
+class Mixture:
+  """Iterator of `{name: batch}`, one batch per dataset per step; state is `{'step': int}`."""
+
+  def __init__(self, datasets: Mapping[str, Mapping[str, Any]],
+               sources: Mapping[str, Sequence[dict]], *, tokenizer: tokenizer_lib.Tokenizer | None,
+               seed: int, mesh: Mesh | None = None, batch_axes: Sequence[str] = ("data", "fsdp"),
+               process_index: int | None = None, process_count: int | None = None,
+               num_workers: int = 0):
+    """See `make_mixture`; `sources` maps each dataset name to its random-access records."""
+    _check_config(datasets)
+    self.datasets = {name: {k: cfg[k] for k in cfg.keys()} for name, cfg in datasets.items()}
+    self.weights = {name: float(cfg.get("weight", 1.0)) for name, cfg in datasets.items()}
+    self._sources = sources
+    self._pp = {name: pp.build(cfg["pp"], tokenizer) for name, cfg in datasets.items()}
+    self._seed = seed
+    self._mesh, self._batch_axes = mesh, tuple(batch_axes)
+    self._process_index = jax.process_index() if process_index is None else process_index
+    self._process_count = jax.process_count() if process_count is None else process_count
+    if not 0 <= self._process_index < self._process_count:
+      raise ValueError(
+          f"process_index={self._process_index} is outside [0, {self._process_count}).")
+    self._executor = (concurrent.futures.ThreadPoolExecutor(num_workers) if num_workers > 0
+                      else None)
+    self._step = 0
+
+  def get_state(self) -> dict[str, int]:
+    return {"step": self._step}
+
+  def set_state(self, state: Mapping[str, int]) -> None:
+    if set(state) != {"step"} or int(state["step"]) < 0:
+      raise ValueError(f"mixture state {dict(state)!r}; expected {{'step': int >= 0}}.")
+    self._step = int(state["step"])
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict[str, dict[str, Any]]:
+    batches = {}
+    for name, cfg in self.datasets.items():
+      batch = host_batch(
+          self._sources[name], self._pp[name], step=self._step, batch_size=cfg["batch_size"],
+          seed=self._seed, name=name, process_index=self._process_index,
+          process_count=self._process_count, executor=self._executor)
+      batches[name] = batch if self._mesh is None else to_global(batch, self._mesh,
+                                                                 self._batch_axes)
+    self._step += 1
+    return batches
+
+
+def make_mixture(datasets: Mapping[str, Mapping[str, Any]], *,
+                 tokenizer: tokenizer_lib.Tokenizer | None, seed: int, mesh: Mesh | None = None,
+                 batch_axes: Sequence[str] = ("data", "fsdp"), process_index: int | None = None,
+                 process_count: int | None = None, num_workers: int = 0,
+                 state: Mapping[str, int] | None = None) -> Mixture:
+  """The mixture over TFDS datasets.
+
+  Args:
+    datasets: {name: {'tfds_name', 'split', 'batch_size' (global), 'pp', 'weight' (λ),
+      'data_dir'}}; the sequence length is the pp string's max_len.
+    tokenizer: for the pp strings' tokenize ops.
+    seed: fixes the shuffle and every random pp op.
+    mesh: when given, batches are global jax.Arrays sharded on `batch_axes`; numpy otherwise.
+    batch_axes: mesh axes the batch axis is split over.
+    process_index, process_count: this host and the host count (default: jax's).
+    num_workers: threads running pp (0: in the calling thread).
+    state: a `get_state()` to resume from.
+  """
+  _check_config(datasets)
+  sources = {name: open_source(cfg["tfds_name"], cfg["split"], cfg.get("data_dir"))
+             for name, cfg in datasets.items()}
+  mixture = Mixture(datasets, sources, tokenizer=tokenizer, seed=seed, mesh=mesh,
+                    batch_axes=batch_axes, process_index=process_index,
+                    process_count=process_count, num_workers=num_workers)
+  if state is not None:
+    mixture.set_state(state)
+  return mixture

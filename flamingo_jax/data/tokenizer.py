@@ -1,0 +1,158 @@
+"""Tokenizers: SentencePiece (the paper's) or Hugging Face `tokenizer.json`, plus the specials.
+
+`<image>` and `<EOC>` (and `<BOS>`, `<EOS>`, `<PAD>` when the base model has none) are appended
+after the base vocabulary, with ids `vocab_size + k`: the frozen LM's embedding table stays as it is
+and the model keeps a separate trainable table of `num_new_tokens` rows for them. `encode` never
+produces specials: "<image>" in a text is tokenised as plain text; only `interleave` inserts them.
+"""
+import dataclasses
+import io
+import json
+import os
+from typing import Callable, Iterable, Sequence
+
+import sentencepiece as spm
+import tokenizers
+
+IMAGE = "<image>"
+EOC = "<EOC>"
+_NEW_BOS, _NEW_EOS, _NEW_PAD = "<BOS>", "<EOS>", "<PAD>"
+
+
+@dataclasses.dataclass(frozen=True)
+class Tokenizer:
+  """A base tokenizer and the special tokens added after its vocabulary."""
+  vocab_size: int  # Rows of the base (frozen) embedding table.
+  new_tokens: tuple[str, ...]  # Strings of ids vocab_size, vocab_size + 1, ...
+  bos_id: int
+  eos_id: int
+  pad_id: int
+  _encode: Callable[[str], list[int]]
+  _decode: Callable[[list[int], bool], str]
+
+  @property
+  def num_new_tokens(self) -> int:
+    return len(self.new_tokens)
+
+  @property
+  def total_vocab_size(self) -> int:
+    return self.vocab_size + self.num_new_tokens
+
+  @property
+  def image_id(self) -> int:
+    return self.vocab_size + self.new_tokens.index(IMAGE)
+
+  @property
+  def eoc_id(self) -> int:
+    return self.vocab_size + self.new_tokens.index(EOC)
+
+  @property
+  def special_ids(self) -> frozenset[int]:
+    return frozenset([self.bos_id, self.eos_id, self.pad_id,
+                      *range(self.vocab_size, self.total_vocab_size)])
+
+  def encode(self, text: str | bytes) -> list[int]:
+    """Base-vocabulary ids of `text`, no specials (not even BOS/EOS)."""
+    if isinstance(text, bytes):
+      text = text.decode("utf-8")
+    if not isinstance(text, str):
+      raise TypeError(f"encode(text) expects str or bytes, got {type(text).__name__}.")
+    return list(self._encode(text))
+
+  def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
+    """Text of `ids`; added specials render as their strings unless `skip_special`."""
+    out, run = [], []
+    skipped = self.special_ids if skip_special else frozenset()
+    for i in map(int, ids):
+      if not 0 <= i < self.total_vocab_size:
+        raise ValueError(f"decode: id {i} is outside [0, {self.total_vocab_size}).")
+      if i in skipped:
+        continue
+      if i < self.vocab_size:
+        run.append(i)
+        continue
+      out.append(self._decode(run, skip_special))
+      out.append(self.new_tokens[i - self.vocab_size])
+      run = []
+    out.append(self._decode(run, skip_special))
+    return "".join(out)
+
+
+def _with_specials(vocab_size, bos_id, eos_id, pad_id, encode, decode) -> Tokenizer:
+  """Adds `<image>`, `<EOC>` and whichever of BOS/EOS/pad the base lacks (id None or < 0)."""
+  new = [IMAGE, EOC]
+  ids = []
+  for base_id, name in ((bos_id, _NEW_BOS), (eos_id, _NEW_EOS), (pad_id, _NEW_PAD)):
+    if base_id is None or base_id < 0:
+      new.append(name)
+      base_id = vocab_size + len(new) - 1
+    ids.append(base_id)
+  return Tokenizer(vocab_size, tuple(new), *ids, _encode=encode, _decode=decode)
+
+
+def _sentencepiece(path: str) -> Tokenizer:
+  sp = spm.SentencePieceProcessor(model_file=path)
+  return _with_specials(
+      sp.vocab_size(), sp.bos_id(), sp.eos_id(), sp.pad_id(),
+      encode=sp.encode, decode=lambda ids, skip: sp.decode(ids))
+
+
+def _hf_special(directory: str, tok: tokenizers.Tokenizer, key: str) -> int | None:
+  """The id of `key` ('bos_token', ...) named by a `tokenizer_config.json` beside the tokenizer."""
+  config = os.path.join(directory, "tokenizer_config.json")
+  if not os.path.exists(config):
+    return None
+  with open(config) as f:
+    token = json.load(f).get(key)
+  if isinstance(token, dict):
+    token = token.get("content")
+  return tok.token_to_id(token) if token else None
+
+
+def _hugging_face(path: str) -> Tokenizer:
+  tok = tokenizers.Tokenizer.from_file(path)
+  tok.encode_special_tokens = True  # "<|endoftext|>" in a text is text, not the special.
+  directory = os.path.dirname(path)
+  return _with_specials(
+      tok.get_vocab_size(with_added_tokens=True),
+      *(_hf_special(directory, tok, k) for k in ("bos_token", "eos_token", "pad_token")),
+      encode=lambda text: tok.encode(text, add_special_tokens=False).ids,
+      decode=lambda ids, skip: tok.decode(ids, skip_special_tokens=skip))
+
+
+def load_tokenizer(path: str) -> Tokenizer:
+  """A `.model` file is SentencePiece; a `tokenizer.json` (or its folder) is Hugging Face."""
+  if os.path.isdir(path) and os.path.exists(os.path.join(path, "tokenizer.json")):
+    path = os.path.join(path, "tokenizer.json")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(
+        f"tokenizer path {path!r} is not a file or a folder with a 'tokenizer.json'; expected a "
+        "SentencePiece '.model' file, a 'tokenizer.json' or a folder containing one.")
+  if path.endswith(".model"):
+    return _sentencepiece(path)
+  if os.path.basename(path) == "tokenizer.json":
+    return _hugging_face(path)
+  raise ValueError(
+      f"tokenizer path {path!r} is neither a SentencePiece '.model' file nor a 'tokenizer.json'.")
+
+
+def train_sentencepiece(texts: Sequence[str], vocab_size: int, path: str) -> Tokenizer:
+  """Trains a small BPE SentencePiece model on `texts` and writes it to `path` (a `.model` file).
+
+  Deterministic (one thread, no sampling or shuffling) and fast (well under a second for a few
+  thousand sentences). `vocab_size` is an upper bound: a small corpus may yield fewer pieces.
+  Ids: 0 = <unk>, 1 = BOS, 2 = EOS, 3 = pad.
+  """
+  if not path.endswith(".model"):
+    raise ValueError(f"train_sentencepiece: path {path!r} must end with '.model'.")
+  if not texts:
+    raise ValueError("train_sentencepiece: texts is empty.")
+  model = io.BytesIO()
+  spm.SentencePieceTrainer.train(
+      sentence_iterator=iter(texts), model_writer=model, vocab_size=vocab_size, model_type="bpe",
+      character_coverage=1.0, num_threads=1, shuffle_input_sentence=False,
+      hard_vocab_limit=False, unk_id=0, bos_id=1, eos_id=2, pad_id=3, minloglevel=2)
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, "wb") as f:
+    f.write(model.getvalue())
+  return load_tokenizer(path)
