@@ -62,8 +62,10 @@ def training(total_steps: int) -> ml_collections.ConfigDict:
       frozen_dtype="",  # e.g. 'bfloat16': store frozen parameters in it ('' = as initialised).
       mesh=(1, -1, 1),  # (data, fsdp, model); one -1 fills with the remaining devices.
       sharding_rules=SHARDING_RULES,
-      vision_init="",  # save_params checkpoint of the `vision` subtree ('' = random).
-      lm_init="",  # save_params checkpoint of the frozen `lm` parameters ('' = random).
+      # Frozen backbones: checkpoint.save_params trees {'vision': ...} and {'lm': the LM's frozen
+      # parameters} (converters write them); '' = random initialisation (tests, smoke runs).
+      vision_init="",
+      lm_init="",
       init_from="",  # save_params checkpoint of the trainable parameters (fresh runs only).
       ckpt_every=1000,
       keep_last=3,

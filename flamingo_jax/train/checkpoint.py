@@ -1,0 +1,118 @@
+"""Orbax checkpoints: the train state in `workdir/checkpoints`, and parameter trees on their own.
+
+A step directory holds two items: 'state' (trainable params, optimizer state, step, RNG; arrays) and
+'data' (the input iterator's state, JSON). Frozen backbones are never in it: they are parameter
+trees written by `save_params` (converters do the same) and read at start by `load_params`. Loading never
+unpickles: arrays come from OCDBT/TensorStore, the rest is JSON.
+
+A newest checkpoint that cannot be read is moved to `workdir/checkpoints_corrupt/` with a warning
+and the previous one is used; nothing is deleted. One whose shapes differ from the model's is an error
+naming the paths, and is left as it is.
+"""
+from typing import Any
+
+from absl import logging
+from etils import epath
+import jax
+from jax.experimental import multihost_utils
+import orbax.checkpoint as ocp
+
+
+
+# Replica-parallel saving slices every replicated array with one compiled slice per shape: below
+# 1 MiB per replica that costs more than it saves (seconds per checkpoint on CPU).
+ocp.type_handlers.register_type_handler(
+    jax.Array, ocp.type_handlers.ArrayHandler(min_slice_bytes_for_replica_parallel=1 << 20),
+    override=True)
+
+
+class ShapeMismatchError(ValueError):
+  """A checkpoint's tree does not fit the model's (a different config): never fall back silently."""
+
+
+def save_params(path: str, tree: Any) -> None:
+  """Writes a parameter tree (e.g. a converted backbone) as an orbax checkpoint at `path`."""
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(epath.Path(path), tree)
+  checkpointer.wait_until_finished()
+
+
+def _leaves_by_path(tree: Any) -> dict[str, Any]:
+  """{'a/0/mu/w': leaf}; a tuple or namedtuple gets the path of the list or dict orbax stores."""
+  name = lambda k: str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))))
+  return {"/".join(name(k) for k in path): leaf
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def check_tree(path: epath.PathLike, abstract: Any) -> None:
+  """Raises ShapeMismatchError naming every missing, unexpected or differently shaped leaf."""
+  stored = _leaves_by_path(
+      ocp.StandardCheckpointer().metadata(epath.Path(path)).item_metadata.tree)
+  wanted = _leaves_by_path(abstract)
+  problems = [f"{k}: missing in the checkpoint" for k in sorted(set(wanted) - set(stored))]
+  problems += [f"{k}: in the checkpoint but not in the model"
+               for k in sorted(set(stored) - set(wanted))]
+  problems += [f"{k}: checkpoint {tuple(stored[k].shape)} != model {tuple(wanted[k].shape)}"
+               for k in sorted(set(stored) & set(wanted))
+               if tuple(stored[k].shape) != tuple(wanted[k].shape)]
+  if problems:
+    raise ShapeMismatchError(f"Checkpoint {path} does not match the model ({len(problems)} "
+                             "problems; is it from another config?):\n  " + "\n  ".join(problems))
+
+
+def load_params(path: str, abstract: Any) -> Any:
+  """The tree at `path` with `abstract`'s structure, dtypes and shardings (ShapeDtypeStructs)."""
+  path = epath.Path(path)
+  if not path.exists():
+    raise FileNotFoundError(f"No parameter checkpoint at {path}.")
+  check_tree(path, abstract)
+  return ocp.StandardCheckpointer().restore(path, abstract)
+
+
+def make_manager(workdir: str, config) -> ocp.CheckpointManager:
+  """Async manager under workdir/checkpoints: keeps the last `keep_last` and every `keep_every`."""
+  options = ocp.CheckpointManagerOptions(
+      save_interval_steps=config.ckpt_every, max_to_keep=config.keep_last,
+      keep_period=config.get("keep_every") or None, enable_async_checkpointing=config.ckpt_async,
+      cleanup_tmp_directories=True)
+  return ocp.CheckpointManager(epath.Path(workdir) / "checkpoints", options=options,
+                               item_names=("state", "data"))
+
+
+def save(manager: ocp.CheckpointManager, step: int, train_state: Any, data_state: dict,
+         force: bool = False) -> bool:
+  return manager.save(step, args=ocp.args.Composite(
+      state=ocp.args.StandardSave(train_state), data=ocp.args.JsonSave(data_state)), force=force)
+
+
+def _quarantine(manager: ocp.CheckpointManager, step: int, error: Exception) -> None:
+  src = epath.Path(manager.directory) / str(step)
+  dst = epath.Path(manager.directory).parent / "checkpoints_corrupt" / str(step)
+  while dst.exists():  # Never overwrite an earlier quarantined copy.
+    dst = dst.with_name(dst.name + "_")
+  logging.warning("Checkpoint %s cannot be read (%s: %s); moving it to %s and using the previous "
+                  "one.", src, type(error).__name__, error, dst)
+  if jax.process_index() == 0:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    src.rename(dst)
+  multihost_utils.sync_global_devices(f"quarantine_{step}")
+  manager.reload()
+
+
+def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any) -> tuple[Any, dict] | None:
+  """(train state, data state) from the newest readable checkpoint, or None if there is none."""
+  for step in sorted(manager.all_steps(), reverse=True):
+    item = epath.Path(manager.directory) / str(step) / "state"
+    try:
+      check_tree(item, abstract_state)
+      restored = manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+    except ShapeMismatchError:
+      raise
+    except Exception as e:  # pylint: disable=broad-except  (any read failure: truncated, garbled)
+      _quarantine(manager, step, e)
+      continue
+    logging.info("Resuming from %s.", item.parent)
+    return restored.state, dict(restored.data)
+  return None
+

@@ -1,0 +1,91 @@
+"""The trainer's input: the TFDS mixture (flamingo_jax/data/mixture.py) or seeded synthetic batches.
+
+Both are iterators of `{dataset_name: batch}` with `weights` (λ per dataset) and a JSON state
+(`get_state`/`set_state`). Synthetic batches (`config.input.kind='synthetic'`) need no tokenizer or
+data: tests and smoke runs of configs whose vocabulary matches no tokenizer use them.
+"""
+import zlib
+
+import jax
+import numpy as np
+
+from flamingo_jax.data import mixture as mixture_lib
+from flamingo_jax.data import tokenizer as tokenizer_lib
+from flamingo_jax.train import sharding as sharding_lib
+
+# Per synthetic dataset: batch_size (global), weight, num_media, num_frames, seq_len.
+SYNTHETIC_FIELDS = {"batch_size", "weight", "num_media", "num_frames", "seq_len"}
+
+
+def synthetic_batch(rng: np.random.Generator, *, batch_size: int, num_media: int, num_frames: int,
+                    seq_len: int, image_size: int, vocab_size: int) -> dict[str, np.ndarray]:
+  """Random tokens with an `<image>` (id vocab_size) opening each of num_media equal chunks."""
+  tokens = rng.integers(0, vocab_size, (batch_size, seq_len), dtype=np.int32)
+  starts = np.arange(num_media) * (seq_len // num_media)
+  tokens[:, starts] = vocab_size
+  media_idx = np.broadcast_to(np.cumsum(np.isin(np.arange(seq_len), starts)), tokens.shape)
+  return dict(
+      images=rng.normal(size=(batch_size, num_media, num_frames, image_size, image_size, 3)
+                        ).astype(np.float32),
+      tokens=tokens, media_idx=media_idx.astype(np.int32),
+      loss_mask=(tokens != vocab_size).astype(np.float32),
+      media_mask=np.ones((batch_size, num_media), bool))
+
+
+class Synthetic:
+  """Iterator of `{name: batch}`; batch `step` is a pure function of (seed, name, step)."""
+
+  def __init__(self, datasets, *, seed: int, image_size: int, vocab_size: int, mesh):
+    for name, cfg in datasets.items():
+      if set(cfg) != SYNTHETIC_FIELDS:
+        raise ValueError(f"config.input.datasets.{name}: fields {sorted(cfg)}; expected "
+                         f"{sorted(SYNTHETIC_FIELDS)}.")
+    self.datasets = {name: dict(cfg) for name, cfg in datasets.items()}
+    self.weights = {name: float(cfg["weight"]) for name, cfg in datasets.items()}
+    self._seed, self._image_size, self._vocab_size, self._mesh = seed, image_size, vocab_size, mesh
+    self._step = 0
+
+  def get_state(self) -> dict[str, int]:
+    return {"step": self._step}
+
+  def set_state(self, state) -> None:
+    self._step = int(state["step"])
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    batches = {}
+    for name, cfg in self.datasets.items():
+      rng = np.random.default_rng([self._seed, zlib.crc32(name.encode()), self._step])
+      batch = synthetic_batch(rng, batch_size=cfg["batch_size"], num_media=cfg["num_media"],
+                              num_frames=cfg["num_frames"], seq_len=cfg["seq_len"],
+                              image_size=self._image_size, vocab_size=self._vocab_size)
+      per_host = cfg["batch_size"] // jax.process_count()
+      host = {k: v[jax.process_index() * per_host:(jax.process_index() + 1) * per_host]
+              for k, v in batch.items()}
+      batches[name] = mixture_lib.to_global(host, self._mesh, sharding_lib.BATCH_AXES)
+    self._step += 1
+    return batches
+
+
+def make_input(config, mesh):
+  """The input named by config.input.kind ('synthetic' | 'tfds'), checked against the mesh."""
+  dp = sharding_lib.data_parallel_size(mesh)
+  for name, cfg in config.input.datasets.items():
+    per_microbatch, rest = divmod(cfg.batch_size, config.microbatches)
+    if rest or per_microbatch % dp:
+      raise ValueError(
+          f"config.input.datasets.{name}.batch_size={cfg.batch_size} must split into "
+          f"config.microbatches={config.microbatches} microbatches each divisible by the "
+          f"data-parallel size {dp} (mesh data x fsdp = {mesh.shape['data']} x "
+          f"{mesh.shape['fsdp']}).")
+  if config.input.kind == "synthetic":
+    return Synthetic(config.input.datasets, seed=config.seed, image_size=config.image_size,
+                     vocab_size=config.model.lm.vocab_size, mesh=mesh)
+  if config.input.kind == "tfds":
+    return mixture_lib.make_mixture(
+        {name: dict(cfg) for name, cfg in config.input.datasets.items()},
+        tokenizer=tokenizer_lib.load_tokenizer(config.input.tokenizer), seed=config.seed, mesh=mesh,
+        batch_axes=sharding_lib.BATCH_AXES, num_workers=config.input.get("num_workers", 0))
+  raise ValueError(f"config.input.kind={config.input.kind!r}; expected 'synthetic' or 'tfds'.")

@@ -1,0 +1,261 @@
+"""The training loop (paper §3 / App. B.1.2), read top to bottom like big_vision's train.py.
+
+logging → mesh → input → model & optimizer → shard & init → update step → checkpoint → loop.
+
+One update: for every dataset of the mixture, the mean next-token NLL over its target tokens and its
+gradient (summed over `config.microbatches`), weighted by λ and accumulated; then one optimizer step
+('accumulate', the paper's choice). `mixture_mode='round_robin'` (the paper's ablation) uses one
+dataset per step in turn. Gradients are taken only w.r.t. the trainable subtree.
+"""
+import signal
+import time
+
+from absl import logging
+from etils import epath
+import flax.linen as nn
+import jax
+from jax.experimental import multihost_utils
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from flamingo_jax.models import flamingo
+from flamingo_jax.models import lm as lm_lib
+from flamingo_jax.train import checkpoint as ckpt_lib
+from flamingo_jax.train import input as input_lib
+from flamingo_jax.train import metrics as metrics_lib
+from flamingo_jax.train import optim
+from flamingo_jax.train import sharding as sharding_lib
+from flamingo_jax.train import state as state_lib
+
+BACKBONES = (("vision_init", "vision/"), ("lm_init", "lm/"))  # Frozen parts with their own ckpts.
+
+
+def next_token_nll(logits, tokens, loss_mask):
+  """Sum of -log p(tokens[:, t] | logits[:, t-1]) weighted by loss_mask[:, t]. [B, L, V] -> []."""
+  logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32))
+  nll = -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]  # [B, L-1]
+  return jnp.sum(nll * loss_mask[:, 1:])
+
+
+def make_update_step(apply_fn, tx: optax.GradientTransformation, weights: dict[str, float],
+                     microbatches: int):
+  """(train_state, frozen, {name: batch}) -> (train_state, metrics); see the module docstring.
+
+  apply_fn(params, batch) -> logits [B, L, V]; gradients flow only into train_state['params'].
+  """
+
+  def dataset_loss_and_grad(params, frozen, batch):
+    """Mean NLL over the batch's target tokens and its gradient, summed over microbatches."""
+    num_targets = jnp.maximum(jnp.sum(batch["loss_mask"][:, 1:]), 1.0)
+
+    def loss_fn(p, mb):
+      logits = apply_fn(state_lib.merge(p, frozen), mb)
+      return next_token_nll(logits, mb["tokens"], mb["loss_mask"]) / num_targets
+
+    if microbatches == 1:
+      return jax.value_and_grad(loss_fn)(params, batch)
+    # [B, ...] -> [k, B/k, ...] taking every k-th example, so each device keeps its own examples.
+    k = microbatches
+    mbs = jax.tree.map(lambda x: x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1), batch)
+    zeros = (jnp.zeros(()), jax.tree.map(jnp.zeros_like, params))
+    acc = lambda carry, mb: (jax.tree.map(jnp.add, carry, jax.value_and_grad(loss_fn)(params, mb)),
+                             None)
+    return jax.lax.scan(acc, zeros, mbs)[0]
+
+  def update_step(train_state, frozen, batches):
+    params = train_state["params"]
+    measured, loss = {}, 0.0
+    grads = jax.tree.map(jnp.zeros_like, params)
+    for name, batch in batches.items():
+      value, g = dataset_loss_and_grad(params, frozen, batch)
+      measured[f"loss/{name}"] = value
+      loss += weights[name] * value
+      grads = jax.tree.map(lambda a, b, w=weights[name]: a + w * b, grads, g)
+    updates, opt_state = tx.update(grads, train_state["opt_state"], params)
+    new_params = optax.apply_updates(params, updates)
+    measured.update(loss=loss, grad_norm=optax.global_norm(grads),
+                    param_norm=optax.global_norm(new_params),
+                    update_norm=optax.global_norm(updates))
+    return {**train_state, "step": train_state["step"] + 1, "params": new_params,
+            "opt_state": opt_state}, measured
+
+  return update_step
+
+
+class _Sigterm:
+  """Remembers a SIGTERM so the loop can finish its step, save and exit 0."""
+
+  def __init__(self):
+    self.received = False
+    self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    logging.warning("SIGTERM: finishing this step, saving a checkpoint, then exiting.")
+    self.received = True
+
+  def stop(self, step: int) -> bool:
+    if jax.process_count() > 1:  # JAX's preemption notifier sees SIGTERM; hosts agree on a step.
+      return multihost_utils.reached_preemption_sync_point(step)
+    return self.received
+
+  def restore(self):
+    signal.signal(signal.SIGTERM, self._previous)
+
+
+def train(config, workdir: str) -> tuple[dict, dict, dict]:
+  """Trains until config.total_steps (resuming from workdir).
+
+  Returns (train state, frozen params, the last logged metrics), e.g. for a notebook.
+  """
+  # ----------------------------------------------------------------------- logging
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+  if jax.process_index() == 0:
+    (epath.Path(workdir) / "config.json").write_text(config.to_json_best_effort(indent=2))
+  logging.info("%d processes, %d devices (%s).", jax.process_count(), jax.device_count(),
+               jax.devices()[0].device_kind)
+
+  # ----------------------------------------------------------------------- mesh
+  mesh = sharding_lib.make_mesh(config.mesh)
+  logging.info("Mesh %s.", dict(mesh.shape))
+
+  # ----------------------------------------------------------------------- input
+  model = flamingo.from_config(config.model)  # First: raises on bad sizes (e.g. heads vs width).
+  if config.mixture_mode not in ("accumulate", "round_robin"):
+    raise ValueError(f"config.mixture_mode={config.mixture_mode!r}; expected 'accumulate' or "
+                     "'round_robin'.")
+  for field, _ in BACKBONES:
+    if config.get(field) and not epath.Path(config[field]).exists():
+      raise FileNotFoundError(f"config.{field}={config[field]!r}: no checkpoint there.")
+  data = input_lib.make_input(config, mesh)
+  names = list(data.weights)
+
+  # ----------------------------------------------------------------------- model & optimizer
+  init_params = lambda rng: model.init(  # Parameter shapes do not depend on B, N, T or L.
+      rng, jnp.zeros((1, 1, 1, config.image_size, config.image_size, 3)),
+      jnp.zeros((1, 8), jnp.int32), jnp.ones((1, 8), jnp.int32))["params"]
+  boxed = jax.eval_shape(init_params, jax.random.PRNGKey(0))
+  rules = optim.param_rules(nn.unbox(boxed), config.schedule)
+  is_trainable = optim.trainable_paths(rules).__contains__
+  tx, schedules = optim.make_optimizer(config, rules)
+
+  # ----------------------------------------------------------------------- shard & init
+  shardings = sharding_lib.param_shardings(boxed, mesh, config.sharding_rules)
+  train_sh, frozen_sh = state_lib.split(shardings, is_trainable)
+  frozen_dtype = jnp.dtype(config.frozen_dtype) if config.get("frozen_dtype") else None
+  cast = lambda x: x.astype(frozen_dtype) if frozen_dtype and jnp.issubdtype(
+      x.dtype, jnp.floating) else x
+
+  def init_all(rng):
+    trainable, frozen = state_lib.split(nn.unbox(init_params(rng)), is_trainable)
+    return trainable, jax.tree.map(cast, frozen)
+
+  abstract_train, _ = jax.eval_shape(init_all, jax.random.PRNGKey(0))
+  abstract_opt = jax.eval_shape(tx.init, abstract_train)
+  repl = sharding_lib.replicated(mesh)
+  state_sh = {"step": repl, "rng": repl, "params": train_sh,
+              "opt_state": optax.tree_map_params(tx, lambda _, s: s, abstract_opt, train_sh,
+                                                 transform_non_params=lambda _: repl)}
+  abstract_state = jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+      {"step": jax.ShapeDtypeStruct((), jnp.int32), "rng": jax.ShapeDtypeStruct((2,), jnp.uint32),
+       "params": abstract_train, "opt_state": abstract_opt}, state_sh)
+
+  rng = jax.random.PRNGKey(config.seed)
+  trainable, frozen = jax.jit(init_all, out_shardings=(train_sh, frozen_sh))(rng)
+  for field, prefix in BACKBONES:  # Frozen backbones from their own checkpoints.
+    if config.get(field):
+      part = state_lib.subtree(frozen, [prefix])
+      abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                              part)
+      frozen = state_lib.merge(frozen, ckpt_lib.load_params(config[field], abstract))
+    else:
+      logging.warning("config.%s is not set: %s* is randomly initialised.", field, prefix)
+
+  # ----------------------------------------------------------------------- checkpoint (resume)
+  manager = ckpt_lib.make_manager(workdir, config)
+  restored = ckpt_lib.restore_latest(manager, abstract_state)
+  if restored is not None:
+    train_state, data_state = restored
+    data.set_state(data_state)
+  else:
+    if config.get("init_from"):
+      trainable = ckpt_lib.load_params(config.init_from, abstract_state["params"])
+    train_state = jax.jit(
+        lambda p: {"step": jnp.zeros((), jnp.int32), "rng": rng, "params": p,
+                   "opt_state": tx.init(p)}, out_shardings=state_sh, donate_argnums=0)(trainable)
+  del trainable
+  first_step = int(jax.device_get(train_state["step"]))
+
+  # ----------------------------------------------------------------------- update step
+  apply_fn = lambda params, b: model.apply({"params": params}, b["images"], b["tokens"],
+                                           b["media_idx"])
+  update_step = make_update_step(apply_fn, tx, data.weights, config.microbatches)
+  update_jit = jax.jit(
+      update_step, in_shardings=(state_sh, frozen_sh, sharding_lib.batch_sharding(mesh)),
+      out_shardings=(state_sh, repl), donate_argnums=0)
+  compiled = {}  # Dataset names -> the compiled step ('round_robin' has one per dataset).
+  compile_seconds = {}
+
+  def step_fn(train_state, batches):
+    key = tuple(batches)
+    if key not in compiled:
+      logging.info("Compiling the update step for %s; this might take a few minutes...", key)
+      start = time.perf_counter()
+      compiled[key] = update_jit.lower(train_state, frozen, batches).compile()
+      compile_seconds[key] = time.perf_counter() - start
+    return compiled[key](train_state, frozen, batches)
+
+  # ----------------------------------------------------------------------- loop
+  sigterm = _Sigterm()
+  writer = metrics_lib.Writer(workdir, config.total_steps, first_step)
+  xattn_layers = lm_lib.xattn_layer_indices(flamingo.lm_config(config.model))
+  peak = metrics_lib.peak_flops(jax.devices()[0])
+  pending, last = None, {}
+
+  def check_and_log(step, measured, examples, tokens):
+    """Host side of step `step`'s metrics: NaN check every step, writers every log_every."""
+    nonlocal last
+    measured = jax.device_get(measured)
+    if not np.isfinite(measured["loss"]):
+      raise FloatingPointError(f"Loss is {measured['loss']} at step {step} ({measured}).")
+    if step % config.log_every and step != config.total_steps:
+      return
+    rate = writer.steps_per_second(step)
+    flops = sum(metrics_lib.step_flops(c) for c in compiled.values()) / len(compiled)
+    last = {**measured, **metrics_lib.gate_values(train_state["params"], xattn_layers),
+            **{f"lr/{g}": s(step - 1) for g, s in schedules.items()},
+            "lr": schedules["group0"](step - 1), "steps_per_s": rate,
+            "examples_per_s": rate * examples, "tokens_per_s": rate * tokens,
+            "tflops_per_device": rate * flops / 1e12, "mfu": rate * flops / peak,
+            **{f"compile_s/{'+'.join(k)}": v for k, v in compile_seconds.items()}}
+    writer.write(step, last)
+
+  step = first_step
+  try:
+    while step < config.total_steps:
+      batches = next(data)
+      if config.mixture_mode == "round_robin":
+        batches = {names[step % len(names)]: batches[names[step % len(names)]]}
+      train_state, measured = step_fn(train_state, batches)
+      step += 1
+      if pending is not None:  # One step behind, so the host never waits on the device.
+        check_and_log(*pending)
+      pending = (step, measured, sum(b["tokens"].shape[0] for b in batches.values()),
+                 sum(b["tokens"].size for b in batches.values()))
+      stop = sigterm.stop(step)
+      if stop or step == config.total_steps or manager.should_save(step):
+        check_and_log(*pending)
+        pending = None
+        ckpt_lib.save(manager, step, train_state, data.get_state(), force=stop)
+      if stop:
+        break
+    if pending is not None:
+      check_and_log(*pending)
+  finally:
+    manager.wait_until_finished()
+    manager.close()
+    writer.close()
+    sigterm.restore()
+  return train_state, frozen, last

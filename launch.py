@@ -1,0 +1,123 @@
+"""The one entry point: python launch.py --config=configs/tiny.py --workdir=DIR [--config.x=v ...].
+
+Modes (each a small function in MODES):
+  train               train here (all of this host's devices); re-running the command resumes.
+  local_multiprocess  the same training as --num_processes processes on this machine (CPU, gloo).
+  tpu_pod             copy the code to a TPU VM pod, install jax[tpu] and train on every worker
+                      (prints the gcloud commands with --dry_run).
+"""
+import os
+import shlex
+import socket
+import subprocess
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:arg]).",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and logs go here.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "local_multiprocess", "tpu_pod"],
+                          "What to do (see the module docstring).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", 1, "Processes of a multi-process run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", 0, "This process (set by local_multiprocess).")
+_COORDINATOR = flags.DEFINE_string("coordinator", "", "host:port of process 0 (multi-process).")
+_MULTIHOST = flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() with its "
+                               "auto-detected settings (TPU pods).")
+_TPU = flags.DEFINE_string("tpu", "", "tpu_pod: the TPU VM name.")
+_ZONE = flags.DEFINE_string("zone", "", "tpu_pod: its zone.")
+_DRY_RUN = flags.DEFINE_bool("dry_run", False, "tpu_pod: print the commands, run nothing.")
+
+# Flags that select the mode; everything else in argv is passed on to the training processes.
+_MODE_FLAGS = ("--mode", "--num_processes", "--process_id", "--coordinator", "--multihost",
+               "--tpu", "--zone", "--dry_run", "--nodry_run")
+
+
+def _train_argv(argv: list[str]) -> list[str]:
+  """argv without the mode flags: the training command's own flags (config, workdir, overrides)."""
+  return [a for a in argv[1:] if not a.split("=")[0] in _MODE_FLAGS]
+
+
+def train(argv):
+  """Trains in this process (one of several when --coordinator or --multihost is given)."""
+  del argv
+  import jax  # pylint: disable=g-import-not-at-top  (after the flags set the platform up)
+  if _COORDINATOR.value:
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  elif _MULTIHOST.value:
+    jax.distributed.initialize()
+  from flamingo_jax.train import trainer  # pylint: disable=g-import-not-at-top
+  trainer.train(_CONFIG.value, _WORKDIR.value)
+
+
+def local_multiprocess(argv):
+  """--num_processes copies of the training command on this machine, devices split between them."""
+  n = _NUM_PROCESSES.value
+  with socket.socket() as s:  # A free port on the loopback interface only.
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  devices = _cpu_device_count()
+  if devices % n:
+    raise app.UsageError(f"--num_processes={n} does not divide the {devices} CPU devices "
+                         "(XLA_FLAGS --xla_force_host_platform_device_count).")
+  env = dict(os.environ, XLA_FLAGS=" ".join(
+      [f for f in os.environ.get("XLA_FLAGS", "").split()
+       if not f.startswith("--xla_force_host_platform_device_count")]
+      + [f"--xla_force_host_platform_device_count={devices // n}"]), JAX_PLATFORMS="cpu")
+  procs = [subprocess.Popen(
+      [sys.executable, __file__, *_train_argv(argv), f"--coordinator=127.0.0.1:{port}",
+       f"--num_processes={n}", f"--process_id={i}"], env=env) for i in range(n)]
+  codes = [p.wait() for p in procs]
+  if any(codes):
+    raise RuntimeError(f"local_multiprocess: exit codes {codes}.")
+
+
+def _cpu_device_count() -> int:
+  for f in os.environ.get("XLA_FLAGS", "").split():
+    if f.startswith("--xla_force_host_platform_device_count="):
+      return int(f.split("=")[1])
+  return 1
+
+
+def tpu_pod_commands(argv) -> list[list[str]]:
+  """The gcloud commands: copy the code, install a venv with jax[tpu], train on all workers."""
+  if not _TPU.value or not _ZONE.value:
+    raise app.UsageError("--mode=tpu_pod needs --tpu=NAME and --zone=ZONE.")
+  vm = ["gcloud", "compute", "tpus", "tpu-vm"]
+  where = [_TPU.value, f"--zone={_ZONE.value}", "--worker=all"]
+  code_dir = os.path.dirname(os.path.abspath(__file__))
+  setup = ("python3 -m venv ~/flamingo_venv && ~/flamingo_venv/bin/pip install -q -U 'jax[tpu]' "
+           "-e ~/flamingo_jax")
+  run = ("cd ~/flamingo_jax && ~/flamingo_venv/bin/python launch.py "
+         + " ".join(shlex.quote(a) for a in _train_argv(argv)) + " --multihost")
+  return [[*vm, "scp", "--recurse", code_dir, f"{_TPU.value}:~/flamingo_jax", *where[1:]],
+          [*vm, "ssh", *where, f"--command={setup}"],
+          [*vm, "ssh", *where, f"--command={run}"]]
+
+
+def tpu_pod(argv):
+  for command in tpu_pod_commands(argv):
+    print(shlex.join(command))
+    if not _DRY_RUN.value:
+      subprocess.run(command, check=True)
+
+
+MODES = {"train": train, "local_multiprocess": local_multiprocess, "tpu_pod": tpu_pod}
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}.")
+  if not _WORKDIR.value:
+    raise app.UsageError("--workdir is required.")
+  logging.info("Mode %s.", _MODE.value)
+  MODES[_MODE.value](sys.argv)
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config"])
+  app.run(main)

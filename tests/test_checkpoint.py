@@ -1,0 +1,102 @@
+"""Checkpoints, resume and their failure modes (flamingo_jax/train/checkpoint.py, trainer.py)."""
+import os
+import pathlib
+import random
+import shutil
+import signal
+import subprocess
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from flamingo_jax.train import checkpoint as ckpt_lib
+import train_helpers as helpers
+
+
+def _tree_equal(a, b):
+  la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+  return len(la) == len(lb) and all(np.array_equal(x, y) for x, y in zip(la, lb))
+
+
+def test_save_and_load_params_round_trip(tmp_path):
+  tree = {"lm": {"w": jnp.arange(6.0).reshape(2, 3), "b": jnp.ones(3, jnp.bfloat16)}}
+  ckpt_lib.save_params(str(tmp_path / "p"), tree)
+  loaded = ckpt_lib.load_params(str(tmp_path / "p"), jax.eval_shape(lambda: tree))
+  assert _tree_equal(tree, loaded) and loaded["lm"]["b"].dtype == jnp.bfloat16
+
+
+def test_load_params_names_every_mismatch(tmp_path):
+  ckpt_lib.save_params(str(tmp_path / "p"), {"a": jnp.zeros((2, 3)), "old": jnp.zeros(1)})
+  wanted = {"a": jax.ShapeDtypeStruct((2, 4), jnp.float32),
+            "new": jax.ShapeDtypeStruct((1,), jnp.float32)}
+  with pytest.raises(ckpt_lib.ShapeMismatchError) as e:
+    ckpt_lib.load_params(str(tmp_path / "p"), wanted)
+  for text in ("a: checkpoint (2, 3) != model (2, 4)", "new: missing", "old: in the checkpoint"):
+    assert text in str(e.value)
+  with pytest.raises(FileNotFoundError, match="No parameter checkpoint at"):
+    ckpt_lib.load_params(str(tmp_path / "nothing"), wanted)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+  """An uninterrupted run of the tiny config; its final checkpoint is the target of every resume."""
+  cache = helpers.shared_dir(tmp_path_factory, "jax_cache")
+  workdir = tmp_path_factory.mktemp("reference")
+  helpers.run(workdir, cache_dir=cache)
+  return workdir, cache
+
+
+def _start_and_signal(workdir, cache, sig, after_steps):
+  """Starts the run, sends `sig` once `after_steps` more steps are logged; -> (exit code, stderr)."""
+  start = len(helpers.metrics(workdir))
+  proc = subprocess.Popen(helpers.command(workdir), env=helpers.env(cache), cwd=helpers.ROOT,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 300
+  while len(helpers.metrics(workdir)) < start + after_steps and proc.poll() is None:
+    assert time.time() < deadline, "the run made no progress"
+    time.sleep(0.05)
+  proc.send_signal(sig)
+  _, stderr = proc.communicate(timeout=300)
+  return proc.returncode, stderr
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_and_sigterm_is_bit_identical(reference, tmp_path):
+  ref_dir, cache = reference
+  code, _ = _start_and_signal(tmp_path, cache, signal.SIGKILL, random.randint(1, 3))
+  assert code == -signal.SIGKILL
+  code, stderr = _start_and_signal(tmp_path, cache, signal.SIGTERM, 1)
+  assert code == 0, stderr[-3000:]
+  helpers.run(tmp_path, cache_dir=cache)
+  assert _tree_equal(helpers.final_state(ref_dir), helpers.final_state(tmp_path))
+
+
+@pytest.mark.slow
+def test_corrupt_latest_checkpoint_falls_back_with_a_warning(reference, tmp_path):
+  ref_dir, cache = reference
+  workdir = tmp_path / "w"
+  shutil.copytree(ref_dir, workdir)
+  for f in (workdir / "checkpoints" / "6" / "state").rglob("*"):
+    if f.is_file() and f.stat().st_size > 0 and "ocdbt" in str(f):
+      f.write_bytes(f.read_bytes()[:len(f.read_bytes()) // 2])  # Truncate the array data.
+  result = helpers.run(workdir, cache_dir=cache)
+  assert "checkpoints/6 cannot be read" in result.stderr
+  assert (workdir / "checkpoints_corrupt" / "6").exists()
+  assert _tree_equal(helpers.final_state(ref_dir), helpers.final_state(workdir))
+
+
+@pytest.mark.slow
+def test_checkpoint_of_another_model_shape_is_an_error_and_kept(reference, tmp_path):
+  ref_dir, cache = reference
+  workdir = tmp_path / "w"
+  shutil.copytree(ref_dir, workdir)
+  files = sorted(str(p.relative_to(workdir)) for p in (workdir / "checkpoints").rglob("*"))
+  result = helpers.run(workdir, "--config.model.resampler.num_latents=8", cache_dir=cache,
+                       check=False)
+  assert result.returncode != 0
+  assert "does not match the model" in result.stderr
+  assert "params/resampler/latents: checkpoint (4, 32) != model (8, 32)" in result.stderr
+  assert files == sorted(str(p.relative_to(workdir)) for p in (workdir / "checkpoints").rglob("*"))

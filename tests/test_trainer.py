@@ -1,0 +1,102 @@
+"""The update step and the training loop (flamingo_jax/train/trainer.py)."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from configs import tiny
+from flamingo_jax.train import trainer
+import train_helpers as helpers
+
+
+def _fake_setup(microbatches=1, weights=None):
+  """A 2-matrix 'model': frozen embedding table, trainable output head."""
+  vocab, dim = 11, 4
+  k1, k2 = jax.random.split(jax.random.PRNGKey(0))
+  frozen = {"embed": jax.random.normal(k1, (vocab, dim))}
+  params = {"head": jax.random.normal(k2, (dim, vocab))}
+  apply_fn = lambda p, b: jnp.take(p["embed"], b["tokens"], axis=0) @ p["head"]
+  tx = optax.adam(0.1)
+  state = {"step": jnp.zeros((), jnp.int32), "rng": jax.random.PRNGKey(1), "params": params,
+           "opt_state": tx.init(params)}
+  weights = weights or {"a": 1.0, "b": 0.2}
+  step = trainer.make_update_step(apply_fn, tx, weights, microbatches)
+  return step, state, frozen
+
+
+def _batches(seed=0):
+  rng = np.random.default_rng(seed)
+  make = lambda b, l: {"tokens": rng.integers(0, 11, (b, l)).astype(np.int32),
+                       "loss_mask": (rng.random((b, l)) > 0.3).astype(np.float32)}
+  return {"a": make(4, 6), "b": make(4, 3)}
+
+
+def test_next_token_nll_uses_shifted_targets_and_mask():
+  logits = jnp.log(jnp.array([[[0.5, 0.5], [0.9, 0.1], [0.2, 0.8]]]))  # [1, 3, 2]
+  tokens = jnp.array([[0, 1, 1]])
+  loss = trainer.next_token_nll(logits, tokens, jnp.array([[1.0, 1.0, 0.0]]))
+  np.testing.assert_allclose(loss, -np.log(0.5), rtol=1e-6)  # Only logits[0] -> tokens[1].
+
+
+def test_frozen_params_bit_identical_and_trainable_change():
+  step, state, frozen = _fake_setup()
+  before = jax.tree.map(np.array, frozen)
+  head = np.array(state["params"]["head"])
+  for i in range(3):
+    state, measured = jax.jit(step)(state, frozen, _batches(i))
+  assert jax.tree.all(jax.tree.map(np.array_equal, before, jax.tree.map(np.array, frozen)))
+  assert not np.array_equal(head, state["params"]["head"])
+  assert int(state["step"]) == 3 and set(state) == {"step", "rng", "params", "opt_state"}
+
+
+def test_loss_is_weighted_sum_and_microbatches_match():
+  step1, state1, frozen = _fake_setup(microbatches=1)
+  step2, state2, _ = _fake_setup(microbatches=2)
+  new1, m1 = step1(state1, frozen, _batches())
+  new2, m2 = step2(state2, frozen, _batches())
+  np.testing.assert_allclose(m1["loss"], m1["loss/a"] + 0.2 * m1["loss/b"], rtol=1e-6)
+  np.testing.assert_allclose(m1["loss"], m2["loss"], rtol=1e-5)
+  np.testing.assert_allclose(m1["grad_norm"], m2["grad_norm"], rtol=1e-5)
+  np.testing.assert_allclose(new1["params"]["head"], new2["params"]["head"], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("mesh", (2, 2, 1), r"config.mesh=\(2, 2, 1\) has 4 devices; there are 8"),
+    ("input.datasets.pairs.batch_size", 12, r"pairs.batch_size=12 .* data-parallel size 8"),
+    ("model.lm.num_heads", 5, "lm.num_heads=5 does not divide lm.dim=32"),
+    ("lm_init", "/nonexistent/lm", r"config.lm_init='/nonexistent/lm': no checkpoint there"),
+    ("mixture_mode", "sometimes", "config.mixture_mode='sometimes'"),
+])
+def test_bad_config_fails_at_startup(tmp_path, field, value, message):
+  config = tiny.get_config()
+  *parents, leaf = field.split(".")
+  node = config
+  for p in parents:
+    node = node[p]
+  node[leaf] = value
+  with pytest.raises((ValueError, FileNotFoundError), match=message):
+    trainer.train(config, str(tmp_path))
+  assert not (tmp_path / "checkpoints").exists()
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+  """An uninterrupted run of the tiny config on mesh (8, 1, 1)."""
+  cache = helpers.shared_dir(tmp_path_factory, "jax_cache")
+  workdir = tmp_path_factory.mktemp("reference")
+  helpers.run(workdir, cache_dir=cache)
+  return workdir, cache
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mesh", ["2,4,1", "2,2,2"])
+def test_same_loss_on_every_mesh(reference, tmp_path, mesh):
+  ref_dir, cache = reference
+  helpers.run(tmp_path, f"--config.mesh=({mesh})", cache_dir=cache)
+  ref, got = helpers.metrics(ref_dir), helpers.metrics(tmp_path)
+  assert [m["step"] for m in got] == [1, 2, 3, 4, 5, 6]
+  for key in ("loss", "loss/interleaved", "loss/pairs", "grad_norm"):
+    np.testing.assert_allclose([m[key] for m in got], [m[key] for m in ref], rtol=2e-5, err_msg=key)
+  expected = {"gates/attn/layer_000", "gates/ffw/layer_002", "tokens_per_s", "mfu", "lr"}
+  assert expected <= set(got[-1])

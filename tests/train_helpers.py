@@ -1,0 +1,54 @@
+"""Runs launch.py on the tiny config in a subprocess (8 CPU devices, fast-compiling XLA)."""
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import orbax.checkpoint as ocp
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+# Short runs that checkpoint and log often; every run of a test uses the same ones.
+TINY = ["--config=configs/tiny.py", "--config.total_steps=6", "--config.ckpt_every=2",
+        "--config.log_every=1", "--config.lr_schedule.warmup_steps=2"]
+
+
+def env(cache_dir: str) -> dict[str, str]:
+  """8 CPU devices, LLVM at -O0 (compiles 3x faster) and a compilation cache shared by runs."""
+  return dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(cache_dir),
+              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", PYTHONPATH=str(ROOT),
+              XLA_FLAGS="--xla_force_host_platform_device_count=8 "
+                        "--xla_backend_optimization_level=0 "
+                        "--xla_llvm_disable_expensive_passes=true")
+
+
+def command(workdir, *overrides: str) -> list[str]:
+  return [sys.executable, str(ROOT / "launch.py"), f"--workdir={workdir}", *TINY, *overrides]
+
+
+def run(workdir, *overrides: str, cache_dir, check: bool = True) -> subprocess.CompletedProcess:
+  result = subprocess.run(command(workdir, *overrides), env=env(cache_dir), cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+  if check and result.returncode:
+    raise AssertionError(f"launch.py failed ({result.returncode}):\n{result.stderr[-5000:]}")
+  return result
+
+
+def metrics(workdir) -> list[dict]:
+  path = pathlib.Path(workdir) / "metrics.jsonl"
+  return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def final_state(workdir, step: int = 6) -> dict:
+  """The saved train state (trainable params, optimizer state, step, rng) at `step`, as numpy."""
+  return ocp.StandardCheckpointer().restore(pathlib.Path(workdir) / "checkpoints" / str(step) /
+                                            "state")
+
+
+def shared_dir(tmp_path_factory, name: str) -> pathlib.Path:
+  """A directory shared by the pytest-xdist workers of one session (the compilation cache)."""
+  base = tmp_path_factory.getbasetemp()
+  base = base.parent if base.name.startswith("popen-gw") else base
+  path = base / name
+  path.mkdir(exist_ok=True)
+  return path
