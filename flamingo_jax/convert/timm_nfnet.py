@@ -8,6 +8,7 @@ widths and attention. Loading those fails with the list of mismatches.
 Usage: `params = load("dm_nfnet_f6.safetensors", NFNet(**nfnet_config("F6")), skip=(HEAD_KEYS,))`,
 then `model.apply({"params": params}, images)`.
 """
+import functools
 import math
 import re
 from typing import Mapping, Sequence
@@ -19,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flamingo_jax.convert import safetensors_io
+from flamingo_jax.convert import strict
 
 # The 1000-class ImageNet head; skip it when loading into a headless encoder (num_classes=0).
 HEAD_KEYS = r"^head\.fc\."
@@ -32,6 +34,8 @@ _RENAMES = (
     (r"^head/", "head/fc/"),
     (r"kernel$", "weight"),
 )
+_NOT_DM = ("The checkpoint has no skipinit_gain: it is not a timm dm_nfnet_f* model (timm's "
+           "nfnet_*/eca_nfnet_* differ in padding and activations); use dm_nfnet_f* weights.")
 
 
 def timm_key(path: Sequence[str]) -> str:
@@ -63,33 +67,10 @@ def convert(state_dict: Mapping[str, np.ndarray], module: nn.Module,
   """
   images = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
   shapes = nn.meta.unbox(jax.eval_shape(module.init, jax.random.key(0), images))["params"]
-  params, missing, mismatched, used = {}, [], [], set()
-  for path, expected in traverse_util.flatten_dict(shapes).items():
-    key = timm_key(path)
-    if key not in state_dict:
-      missing.append(f"{'/'.join(path)} (timm key {key})")
-      continue
-    used.add(key)
-    value = _to_flax(np.asarray(state_dict[key]), expected.shape)
-    if value.shape != expected.shape:
-      mismatched.append(f"{key} {np.shape(state_dict[key])} -> {'/'.join(path)} "
-                        f"expects {expected.shape}")
-      continue
-    params[path] = value.astype(expected.dtype)
-  unused = sorted(k for k in state_dict
-                  if k not in used and not any(re.search(p, k) for p in skip))
-  if missing or unused or mismatched:
-    lines = ["timm NFNet checkpoint does not match the model."]
-    for title, items in (("model parameters not filled", missing),
-                         ("checkpoint keys not used", unused), ("shape mismatches", mismatched)):
-      if items:
-        lines += [f"{len(items)} {title}:"] + [f"  {item}" for item in items]
-    if missing and not any(k.endswith("skipinit_gain") for k in state_dict):
-      lines.append("The checkpoint has no skipinit_gain: it is not a timm dm_nfnet_f* model "
-                   "(timm's nfnet_*/eca_nfnet_* differ in padding and activations); use "
-                   "dm_nfnet_f* weights.")
-    raise ValueError("\n".join(lines))
-  return traverse_util.unflatten_dict(params)
+  spec = {"/".join(path): (timm_key(path), functools.partial(_to_flax, shape=s.shape))
+          for path, s in traverse_util.flatten_dict(shapes).items()}
+  return strict.fill(spec, state_dict, shapes, "timm NFNet checkpoint", ignore=skip,
+                     hints={"/skipinit_gain ": _NOT_DM})
 
 
 def load(path: str, module: nn.Module, skip: Sequence[str] = ()) -> dict:

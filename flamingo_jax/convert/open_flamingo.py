@@ -1,0 +1,378 @@
+"""Converts OpenFlamingo checkpoints into `models.flamingo.Flamingo` parameters.
+
+OpenFlamingo is a frozen CLIP ViT → PerceiverResampler → a frozen HF causal LM with a
+GatedCrossAttentionBlock before decoder layer i iff (i + 1) % n == 0 (our placement
+'open_flamingo'). The frozen LM comes from its HF directory (`convert/hf.py`); the checkpoint gives
+the resampler, the xattn blocks and the trained, resized token embeddings whose last rows are the
+new tokens (`<|endofchunk|>`, `<image>` and, for tokenizers without one, `<PAD>`). The ViT is not
+converted: run the model on precomputed CLIP patch tokens (OpenFlamingo's `vision_encoder(x)[1]`).
+
+Usage:
+  model, params = load("checkpoint.pt", "path/to/hf_lm", num_new_tokens=3)
+  logits = model.apply({"params": params}, None, tokens, media_idx, features=features)
+with features [B, N, T, S, C] and media_idx = cumsum(tokens == <image>) (OpenFlamingo's
+`media_locations.cumsum(-1)`).
+"""
+import dataclasses
+import os
+import re
+from typing import Callable, Mapping, Sequence
+
+import flax.linen as nn
+from flax import traverse_util
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flamingo_jax.convert import hf
+from flamingo_jax.convert import safetensors_io
+from flamingo_jax.convert import strict
+from flamingo_jax.models import flamingo
+from flamingo_jax.models import lm as lm_lib
+from flamingo_jax.models import perceiver
+from flamingo_jax.models import xattn as xattn_lib
+
+# The CLIP ViT is not converted (the model takes precomputed features); `load` skips it by default.
+VISION_KEYS = r"^vision_encoder\."
+# OpenFlamingo hard-codes 8 heads in its resampler and xattn blocks; shapes give heads·dim_head.
+DEFAULT_HEADS = 8
+
+_XATTN_KEY = re.compile(
+    r"^lang_encoder\.(?:gated_cross_attn_layers\.(\d+)|.+\.(\d+)\.gated_cross_attn_layer)\.(.+)$")
+_DECODER_KEY = re.compile(r"^lang_encoder\.(.+\.)(\d+)\.decoder_layer\.(.+)$")
+_OLD_DECODER_KEY = re.compile(r"^lang_encoder\.old_decoder_blocks\.(\d+)\.(.+)$")
+_INPUT_EMBEDS = ("model.embed_tokens.weight", "transformer.wte.weight", "gpt_neox.embed_in.weight",
+                 "model.decoder.embed_tokens.weight")
+_OUTPUT_EMBEDS = ("lm_head.weight", "embed_out.weight")
+_NO_LM_HEAD = ("The LM is untied and the checkpoint lacks its output embedding, so the output rows "
+               "of the new tokens are unknown (OpenFlamingo's trainable-only checkpoints drop a "
+               "frozen lm_head; its new rows were random when OpenFlamingo loaded it).")
+
+# torch -> ours for one layer's tensor; h is the head count.
+_Fn = Callable[[np.ndarray, int], np.ndarray]
+_same: _Fn = lambda a, h: a
+_linear: _Fn = lambda w, h: w.T  # [out, in] -> [in, out]
+_heads_in: _Fn = lambda w, h: w.T.reshape(w.shape[1], h, -1)  # [H·Dh, D] -> [D, H, Dh]
+_heads_out: _Fn = lambda w, h: w.T.reshape(h, -1, w.shape[0])  # [D, H·Dh] -> [H, Dh, D]
+_k: _Fn = lambda w, h: _heads_in(np.split(w, 2)[0], h)  # to_kv rows are concat(k, v).
+_v: _Fn = lambda w, h: _heads_in(np.split(w, 2)[1], h)
+_scalar: _Fn = lambda a, h: a.reshape(())
+_ident = lambda a: a
+
+
+def _attn(p: str, **norms: str) -> dict:
+  """Table of OpenFlamingo's (Masked)CrossAttention at `p`; norms: {their LayerNorm: ours}."""
+  return {**{f"{p}{theirs}.{t}": [(f"attn/{ours}/{o}", _same)] for theirs, ours in norms.items()
+             for t, o in (("weight", "scale"), ("bias", "bias"))},
+          f"{p}to_q.weight": [("attn/query/kernel", _heads_in)],
+          f"{p}to_kv.weight": [("attn/key/kernel", _k), ("attn/value/kernel", _v)],
+          f"{p}to_out.weight": [("attn/out/kernel", _heads_out)]}
+
+
+def _ffw(p: str) -> dict:
+  """Table of OpenFlamingo's FeedForward (LayerNorm, Linear, GELU, Linear) at `p`."""
+  return {f"{p}0.weight": [("ffw/norm/scale", _same)], f"{p}0.bias": [("ffw/norm/bias", _same)],
+          f"{p}1.weight": [("ffw/wi/kernel", _linear)], f"{p}3.weight": [("ffw/wo/kernel", _linear)]}
+
+
+# Tables: OpenFlamingo suffix within a layer -> [(our path within the layer, conversion)].
+_RESAMPLER_LAYER = {**_attn("0.", norm_media="norm_media", norm_latents="norm_latents"),
+                    **_ffw("1.")}
+_XATTN_BLOCK = {**_attn("attn.", norm="norm_q"), **_ffw("ff."),
+                "attn_gate": [("attn_gate", _scalar)], "ff_gate": [("ffw_gate", _scalar)]}
+
+
+def read_checkpoint(path: str) -> dict[str, np.ndarray]:
+  """{key: float32/int array} from a safetensors file/directory or a torch `.pt` state dict.
+
+  `.pt` files are read with `torch.load(weights_only=True)`, which never runs pickled code.
+  OpenFlamingo training checkpoints ({'model_state_dict': ...}) and DDP's 'module.' prefix work.
+  """
+  if os.path.isdir(path) or path.endswith(".safetensors"):
+    return safetensors_io.load(path)
+  try:
+    import torch  # pylint: disable=g-import-not-at-top  (a peer, needed only for .pt files)
+  except ImportError as e:
+    raise ImportError(f"Reading {path!r} needs torch; install it or re-save the checkpoint as "
+                      "safetensors.") from e
+  try:
+    state = torch.load(path, weights_only=True, map_location="cpu")
+  except Exception as e:  # pylint: disable=broad-except  (torch raises several kinds)
+    raise ValueError(f"{path!r} cannot be read safely: torch.load(weights_only=True) refused it "
+                     f"({type(e).__name__}: {e}). Re-save its state dict of tensors (or "
+                     "safetensors) where it is trusted.") from e
+  if not isinstance(state, dict):
+    raise ValueError(f"{path!r} holds a {type(state).__name__}, expected a state dict.")
+  state = state.get("model_state_dict", state)
+  out = {}
+  for key, value in state.items():
+    if not isinstance(value, torch.Tensor):
+      raise ValueError(f"{path!r}: {key!r} is a {type(value).__name__}, expected a tensor; pass a "
+                       "state dict (or an OpenFlamingo checkpoint with 'model_state_dict').")
+    value = value.detach()
+    out[key.removeprefix("module.")] = (
+        value.float() if value.dtype == torch.bfloat16 else value).numpy()
+  return out
+
+
+def _ffw_mult(w: np.ndarray, what: str) -> int:
+  hidden, dim = w.shape
+  if hidden % dim:
+    raise ValueError(f"{what}: FFW width {hidden} is not a multiple of {dim}.")
+  return hidden // dim
+
+
+def _head_dim(w: np.ndarray, heads: int, what: str) -> int:
+  if w.shape[0] % heads:
+    raise ValueError(f"{what}: width {w.shape[0]} is not divisible by heads={heads}; pass the "
+                     "checkpoint's head count.")
+  return w.shape[0] // heads
+
+
+def _canonical(state):
+  """(tensors, origins, conflicts): xattn tensors renamed `xattn.{layer}.{suffix}`, others as is.
+
+  A full state dict holds each xattn block twice (`gated_cross_attn_layers.i` and
+  `<layers>.i.gated_cross_attn_layer`); both copies must agree. origins: name -> checkpoint keys.
+  """
+  tensors, origins, conflicts = {}, {}, []
+  for key, value in state.items():
+    m = _XATTN_KEY.match(key)
+    name = f"xattn.{m.group(1) or m.group(2)}.{m.group(3)}" if m else key
+    if name in tensors and not np.array_equal(tensors[name], value):
+      conflicts.append(f"{key} differs from its copy {origins[name][0]}")
+    tensors[name] = value
+    origins.setdefault(name, []).append(key)
+  return tensors, origins, conflicts
+
+
+def _xattn_layers(tensors, num_layers: int) -> tuple[list[int], int]:
+  """(LM layers with an xattn block, cross_attn_every_n_layers), checked against the placement."""
+  at = sorted({int(k.split(".")[1]) for k in tensors if k.startswith("xattn.")})
+  if not at:
+    raise ValueError("The checkpoint has no gated_cross_attn_layer tensors: not OpenFlamingo.")
+  n = at[0] + 1
+  expected = [i for i in range(num_layers) if (i + 1) % n == 0]
+  if at != expected:
+    raise ValueError(f"xattn blocks at LM layers {at} do not follow OpenFlamingo's placement "
+                     f"((i + 1) % n == 0 over {num_layers} layers; n={n} gives {expected}).")
+  return at, n
+
+
+def _first_key(tensors, names: Sequence[str]) -> str | None:
+  return next((f"lang_encoder.{k}" for k in names if f"lang_encoder.{k}" in tensors), None)
+
+
+def _require(tensors, key: str, what: str) -> np.ndarray:
+  if key not in tensors:
+    raise ValueError(f"The checkpoint has no {key!r} ({what}); is it an OpenFlamingo checkpoint?")
+  return tensors[key]
+
+
+def _layer_spec(table, prefixes: Sequence[str], heads: int, path: str, stacked: bool) -> dict:
+  """{our path: (checkpoint names, fn(*arrays))} for the layers at `prefixes` (stacked or one)."""
+  spec = {}
+  for suffix, targets in table.items():
+    keys = [f"{p}{suffix}" for p in prefixes]
+    for sub, fn in targets:
+      if stacked:
+        spec[path + sub] = (keys, lambda *a, fn=fn: np.stack([fn(x, heads) for x in a]))
+      else:
+        spec[path + sub] = (keys, lambda a, fn=fn: fn(a, heads))
+  return spec
+
+
+def resampler_config(tensors, prefix: str = "perceiver.", heads: int = DEFAULT_HEADS) -> dict:
+  """`PerceiverResampler` kwargs of an OpenFlamingo resampler, sizes from shapes."""
+  latents = _require(tensors, f"{prefix}latents", "resampler latents")
+  depth = 1 + max(int(k[len(prefix):].split(".")[1]) for k in tensors
+                  if k.startswith(f"{prefix}layers."))
+  frames = tensors.get(f"{prefix}frame_embs")
+  return dict(
+      dim=latents.shape[1], num_latents=latents.shape[0], num_layers=depth, num_heads=heads,
+      head_dim=_head_dim(_require(tensors, f"{prefix}layers.0.0.to_q.weight", "resampler query"),
+                         heads, "perceiver"),
+      ffw_mult=_ffw_mult(_require(tensors, f"{prefix}layers.0.1.1.weight", "resampler FFW"),
+                         "perceiver"),
+      max_frames=1 if frames is None else frames.shape[0], activation="gelu")
+
+
+def _resampler_spec(tensors, prefix: str, kwargs: dict) -> dict:
+  spec = {"latents": ([f"{prefix}latents"], _ident),
+          "norm/scale": ([f"{prefix}norm.weight"], _ident),
+          "norm/bias": ([f"{prefix}norm.bias"], _ident)}
+  if f"{prefix}frame_embs" in tensors:
+    spec["time_embed"] = ([f"{prefix}frame_embs"], _ident)
+  else:  # OpenFlamingo's default adds no frame embedding.
+    spec["time_embed"] = ([], lambda: np.zeros((1, kwargs["dim"]), np.float32))
+  spec.update(_layer_spec(
+      _RESAMPLER_LAYER, [f"{prefix}layers.{i}." for i in range(kwargs["num_layers"])],
+      kwargs["num_heads"], "layers/", stacked=True))
+  return spec
+
+
+def convert_resampler(state: Mapping[str, np.ndarray], heads: int = DEFAULT_HEADS
+                      ) -> tuple[dict, dict]:
+  """(PerceiverResampler kwargs, params) from an OpenFlamingo `PerceiverResampler.state_dict()`."""
+  state = {k: np.asarray(v) for k, v in state.items()}
+  kwargs = resampler_config(state, "", heads)
+  module = perceiver.PerceiverResampler(**kwargs)
+  features = jax.ShapeDtypeStruct((1, 1, 1, 1, kwargs["dim"]), jnp.float32)
+  shapes = nn.meta.unbox(jax.eval_shape(module.init, jax.random.key(0), features))["params"]
+  return kwargs, strict.fill(
+      _resampler_spec(state, "", kwargs), state, shapes,
+      "OpenFlamingo PerceiverResampler state dict",
+      hints={"^media_time_embs$": "perceiver.media_time_embs has no counterpart in our resampler."})
+
+
+def convert_xattn_block(state: Mapping[str, np.ndarray], heads: int = DEFAULT_HEADS) -> dict:
+  """`GatedXattnDense` params (norm_kv=False, activation='gelu', `heads` heads) from an OpenFlamingo
+  `GatedCrossAttentionBlock.state_dict()`."""
+  state = {k: np.asarray(v) for k, v in state.items()}
+  q, kv = _require(state, "attn.to_q.weight", "query"), _require(state, "attn.to_kv.weight", "kv")
+  module = xattn_lib.GatedXattnDense(
+      num_heads=heads, num_latents=1, head_dim=_head_dim(q, heads, "xattn"), norm_kv=False,
+      ffw_mult=_ffw_mult(_require(state, "ff.1.weight", "FFW"), "xattn"), activation="gelu")
+  args = (jax.ShapeDtypeStruct((1, 1, q.shape[1]), jnp.float32),
+          jax.ShapeDtypeStruct((1, 1, 1, kv.shape[1]), jnp.float32),
+          jax.ShapeDtypeStruct((1, 1), jnp.int32))
+  shapes = nn.meta.unbox(jax.eval_shape(module.init, jax.random.key(0), *args))["params"]
+  return strict.fill(_layer_spec(_XATTN_BLOCK, [""], heads, "", stacked=False), state, shapes,
+                     "OpenFlamingo GatedCrossAttentionBlock state dict")
+
+
+def _configs(tensors, lm_cfg, num_new_tokens, only_attend_immediate, resampler_heads,
+             xattn_heads):
+  """(resampler kwargs, LMConfig with xattn and new tokens), sizes inferred from shapes."""
+  embed_key = _first_key(tensors, _INPUT_EMBEDS)
+  if embed_key is None:
+    raise ValueError("The checkpoint has no LM input embedding; expected one of " +
+                     ", ".join(f"lang_encoder.{k}" for k in _INPUT_EMBEDS) + ".")
+  rows = tensors[embed_key].shape[0]
+  num_new = rows - lm_cfg.vocab_size if num_new_tokens is None else num_new_tokens
+  if not 0 < num_new < rows:
+    raise ValueError(f"{embed_key} has {rows} rows and the HF LM's vocab_size is "
+                     f"{lm_cfg.vocab_size}: pass num_new_tokens (OpenFlamingo adds 2 tokens, 3 "
+                     "with <PAD>).")
+  resampler = resampler_config(tensors, "perceiver.", resampler_heads)
+  at, every = _xattn_layers(tensors, lm_cfg.num_layers)
+  xattn = lm_lib.XattnConfig(
+      every=every, placement="open_flamingo", num_heads=xattn_heads, activation="gelu",
+      head_dim=_head_dim(_require(tensors, f"xattn.{at[0]}.attn.to_q.weight", "xattn query"),
+                         xattn_heads, "xattn"),
+      ffw_mult=_ffw_mult(_require(tensors, f"xattn.{at[0]}.ff.1.weight", "xattn FFW"), "xattn"),
+      only_attend_immediate=only_attend_immediate, norm_kv=False)
+  cfg = dataclasses.replace(lm_cfg, vocab_size=rows - num_new, num_new_tokens=num_new, xattn=xattn,
+                            num_latents=resampler["num_latents"])
+  return resampler, cfg
+
+
+def _spec(tensors, resampler, cfg) -> dict:
+  """{our parameter path: (checkpoint names, fn(*arrays))} for the parts the checkpoint gives."""
+  vocab = cfg.vocab_size
+  embed_key, out_key = _first_key(tensors, _INPUT_EMBEDS), _first_key(tensors, _OUTPUT_EMBEDS)
+  spec = {f"resampler/{k}": v for k, v in _resampler_spec(tensors, "perceiver.", resampler).items()}
+  spec["lm/token_embed"] = ([embed_key], lambda a: a[:vocab])
+  spec["lm/new_token_embed"] = ([embed_key], lambda a: a[vocab:])
+  _, groups, tail = lm_lib.xattn_layout(cfg.num_layers, cfg.xattn.every, "open_flamingo")
+  blocks = [f"xattn.{i}." for i in lm_lib.xattn_layer_indices(cfg)]
+  spec.update(_layer_spec(_XATTN_BLOCK, blocks[:groups], cfg.xattn.num_heads,
+                          "lm/groups/xattn/", stacked=True))
+  if tail:
+    spec.update(_layer_spec(_XATTN_BLOCK, blocks[-1:], cfg.xattn.num_heads, "lm/tail/xattn/",
+                            stacked=False))
+  if not cfg.tied_embeddings:  # Without an output embedding, new_lm_head is reported not filled.
+    if out_key:
+      spec["lm/lm_head/kernel"] = ([out_key], lambda a: a[:vocab].T)
+    spec["lm/new_lm_head/kernel"] = ([out_key or f"lang_encoder.{_OUTPUT_EMBEDS[0]}"],
+                                     lambda a: a[vocab:].T)
+  return spec
+
+
+def _frozen_lm(tensors, cfg, lm_cfg, lm_params, hf_state):
+  """(spec of the `lm` params HF gives, checkpoint names used, problems).
+
+  The frozen LM comes from HF; copies of its weights in a full state dict must equal HF's.
+  """
+  layer_trees, _ = lm_lib.split_layers(lm_params, lm_cfg)
+  tree = {k: v for k, v in lm_params.items() if k not in ("layers", "token_embed")}
+  if "lm_head" in tree:  # Untied, if the checkpoint lacks it: HF's rows of the old tokens.
+    tree["lm_head"] = {"kernel": np.asarray(tree["lm_head"]["kernel"])[:, :cfg.vocab_size]}
+  _, groups, tail = lm_lib.xattn_layout(cfg.num_layers, cfg.xattn.every, "open_flamingo")
+  tree.update(lm_lib.join_layers(layer_trees, [{}] * (groups + (tail > 0)), cfg))
+  spec = {f"lm/{k}": ([], lambda v=v: np.asarray(v))
+          for k, v in traverse_util.flatten_dict(tree, sep="/").items()}
+
+  used, problems = set(), []
+  embed_key, out_key = _first_key(tensors, _INPUT_EMBEDS), _first_key(tensors, _OUTPUT_EMBEDS)
+  if cfg.tied_embeddings and out_key:  # The same table under a second name.
+    used.add(out_key)
+    if not np.array_equal(tensors[out_key], tensors[embed_key]):
+      problems.append(f"{out_key} differs from {embed_key} but the LM ties them")
+  layers_attr = next((m.group(1) for k in tensors if (m := _DECODER_KEY.match(k))), None)
+  for key, value in tensors.items():
+    if not key.startswith("lang_encoder.") or key in (embed_key, out_key):
+      continue
+    hf_key = key.removeprefix("lang_encoder.")
+    if m := _DECODER_KEY.match(key):
+      hf_key = f"{m.group(1)}{m.group(2)}.{m.group(3)}"
+    elif (m := _OLD_DECODER_KEY.match(key)) and layers_attr:
+      hf_key = f"{layers_attr}{m.group(1)}.{m.group(2)}"
+    if hf_state is not None and hf_key in hf_state:
+      used.add(key)
+      if not np.allclose(value, hf_state[hf_key], rtol=1e-2, atol=1e-6):
+        problems.append(f"{key} (a frozen LM weight) differs from the HF LM's {hf_key}")
+  return spec, used, problems
+
+
+def convert(state: Mapping[str, np.ndarray], lm_cfg: lm_lib.LMConfig, lm_params: dict, *,
+            hf_state: Mapping[str, np.ndarray] | None = None, num_new_tokens: int | None = None,
+            only_attend_immediate: bool = True, resampler_heads: int = DEFAULT_HEADS,
+            xattn_heads: int = DEFAULT_HEADS, skip: Sequence[str] = (VISION_KEYS,),
+            ) -> tuple[flamingo.Flamingo, dict]:
+  """(model, params) for an OpenFlamingo state dict on top of a plain HF-converted LM.
+
+  lm_cfg, lm_params: the frozen LM as `hf.load_hf_lm(path, num_new_tokens=0)` gives it.
+  hf_state: that LM's raw HF tensors; needed only when the checkpoint also holds the frozen LM
+    weights (a full `model.state_dict()`), which must then equal them.
+  num_new_tokens: the new tokens at the end of the checkpoint's resized embedding; default: its
+    rows - lm_cfg.vocab_size. Pass it when the HF table was larger than the tokenizer (MPT: 50432
+    rows, 50277 tokens). Our vocab_size becomes rows - num_new_tokens, so ids match OpenFlamingo's.
+  Sizes (depths, widths, latents, FFW multipliers, every-n) come from shapes; head counts and
+  `only_attend_immediate` (OpenFlamingo's `only_attend_immediate_media`) from the arguments.
+  Raises one ValueError listing every model parameter not filled, every checkpoint key not used
+  (unless it matches a regex in `skip`), every shape mismatch and inconsistency.
+  """
+  if lm_cfg.xattn is not None or lm_cfg.num_new_tokens:
+    raise ValueError("lm_cfg must be the plain HF LM (xattn=None, num_new_tokens=0).")
+  state = {k: np.asarray(v) for k, v in state.items()}
+  tensors, origins, problems = _canonical(state)
+  resampler, cfg = _configs(tensors, lm_cfg, num_new_tokens, only_attend_immediate,
+                            resampler_heads, xattn_heads)
+  model = flamingo.Flamingo(vision={}, resampler=resampler, lm=cfg, dtype=cfg.dtype,
+                            param_dtype=cfg.param_dtype)
+  ids = jax.ShapeDtypeStruct((1, 1), jnp.int32)
+  features = jax.ShapeDtypeStruct((1, 1, 1, 1, resampler["dim"]), jnp.float32)
+  shapes = nn.meta.unbox(jax.eval_shape(model.init, jax.random.key(0), None, ids, ids,
+                                        features=features))["params"]
+  spec, used, inconsistent = _frozen_lm(tensors, cfg, lm_cfg, lm_params, hf_state)
+  # Converted from the first copy of each tensor; the others were checked equal to it.
+  spec |= {name: ([origins.get(k, [k])[0] for k in keys], fn)
+           for name, (keys, fn) in _spec(tensors, resampler, cfg).items()}
+  used |= {k for keys in origins.values() for k in keys[1:]}
+  hints = {"new_lm_head": _NO_LM_HEAD}
+  if hf_state is None:
+    hints[f"{_DECODER_KEY.pattern}|{_OLD_DECODER_KEY.pattern}"] = (
+        "Frozen LM weights in a checkpoint are checked against the HF LM: pass hf_state "
+        "(load() does).")
+  return model, strict.fill(spec, state, shapes, "OpenFlamingo checkpoint", ignore=skip,
+                            used=used, problems=problems + inconsistent, hints=hints)
+
+
+def load(checkpoint: str, lm_path: str, **kwargs) -> tuple[flamingo.Flamingo, dict]:
+  """`convert` on a checkpoint file (.pt or safetensors) and an HF LM directory."""
+  state = read_checkpoint(checkpoint)
+  lm_cfg, lm_params = hf.load_hf_lm(lm_path, num_new_tokens=0)
+  full = any(_DECODER_KEY.match(k) or _OLD_DECODER_KEY.match(k) for k in state)
+  return convert(state, lm_cfg, lm_params, hf_state=safetensors_io.load(lm_path) if full else None,
+                 **kwargs)

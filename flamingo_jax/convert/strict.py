@@ -1,0 +1,62 @@
+"""Fills a parameter tree from a checkpoint, all or nothing: the one check every converter uses.
+
+A spec maps each parameter ('/'-joined path) to (checkpoint key or keys, fn(*arrays) -> value).
+Shapes come from abstract params (`jax.eval_shape`), so nothing is allocated on devices, and one
+ValueError lists every parameter not filled, every checkpoint key not used and every shape
+mismatch: never a silent partial load.
+"""
+import re
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+from flax import traverse_util
+import numpy as np
+
+Spec = Mapping[str, tuple[str | Sequence[str], Callable[..., np.ndarray]]]
+
+
+def fill(spec: Spec, state: Mapping[str, Any], abstract: Mapping[str, Any], what: str, *,
+         fit: Callable[[np.ndarray, tuple[int, ...], str], np.ndarray] = lambda v, shape, name: v,
+         ignore: Sequence[str | re.Pattern] = (), used: Iterable[str] = (),
+         problems: Sequence[str] = (), hints: Mapping[str, str] | None = None) -> dict:
+  """Nested numpy params shaped like `abstract` (nested, or flat with '/'-joined keys).
+
+  what: the checkpoint, named in the error's first line.
+  fit(value, shape, name): the value reshaped for its parameter (a mismatch keeps its shape).
+  ignore: regexes of checkpoint keys that need no parameter; used: keys accounted for elsewhere.
+  problems: more lines for the error ("inconsistencies"). hints: {regex: line} added to the error
+  when the regex matches the line of a parameter not filled or of a key not used.
+  """
+  params, missing, mismatched, used = {}, [], [], set(used)
+  for name, struct in traverse_util.flatten_dict(abstract, sep="/").items():
+    if name not in spec:
+      missing.append(f"{name} (nothing in the checkpoint converts to it)")
+      continue
+    keys, fn = spec[name]
+    keys = [keys] if isinstance(keys, str) else keys
+    absent = [k for k in keys if k not in state]
+    if absent:
+      missing.append(f"{name} (checkpoint key {', '.join(absent)})")
+      continue
+    used.update(keys)
+    arrays = [np.asarray(state[k]) for k in keys]
+    try:
+      value = fit(fn(*arrays), struct.shape, name)
+    except ValueError:  # A fused tensor that does not split into the expected parts.
+      value = None
+    if value is None or value.shape != struct.shape:
+      got = ", ".join(f"{k} {a.shape}" for k, a in zip(keys, arrays)) or np.shape(value)
+      mismatched.append(f"{got} -> {name} expects {struct.shape}")
+      continue
+    params[name] = value.astype(struct.dtype)
+  unused = sorted(k for k in state if k not in used and not any(re.search(p, k) for p in ignore))
+  if missing or unused or mismatched or problems:
+    lines = [f"{what} does not match the model."]
+    for title, items in (("model parameters not filled", missing),
+                         ("checkpoint keys not used", unused), ("shape mismatches", mismatched),
+                         ("inconsistencies", problems)):
+      if items:
+        lines += [f"{len(items)} {title}:"] + [f"  {item}" for item in items]
+    lines += [hint for p, hint in (hints or {}).items()
+              if any(re.search(p, line) for line in missing + unused)]
+    raise ValueError("\n".join(lines))
+  return traverse_util.unflatten_dict(params, sep="/")

@@ -1,0 +1,157 @@
+"""Converted Hugging Face causal LMs match transformers on tiny random models (float32, offline)."""
+import functools
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+import safetensors.numpy
+import tokenizers
+import torch
+import transformers
+
+from flamingo_jax.convert import hf
+from flamingo_jax.models import lm as lm_lib
+
+pytestmark = pytest.mark.parity
+V = 100  # Base vocabulary of the tiny models.
+CONFIGS = {  # family: (config class, tiny settings)
+    "gpt2": (transformers.GPT2Config, dict(n_layer=2, n_embd=64, n_head=4, n_positions=64)),
+    "llama": (transformers.LlamaConfig, dict(  # Grouped-query attention, untied head.
+        hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2)),
+    "gpt_neox": (transformers.GPTNeoXConfig, dict(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        rotary_pct=0.25, use_parallel_residual=True)),
+    "mpt": (transformers.MptConfig, dict(  # 6 heads: ALiBi slopes for a non-power of 2.
+        d_model=48, n_heads=6, n_layers=2, max_seq_len=64)),
+}
+
+
+def tiny_hf_lm(directory, family, max_shard_size="5GB", **overrides):
+  """A tiny random HF model (every weight perturbed, so norms and biases matter), saved."""
+  torch.manual_seed(0)
+  config_cls, settings = CONFIGS[family]
+  config = config_cls(vocab_size=V, **(settings | overrides))
+  model = transformers.AutoModelForCausalLM.from_config(config).eval()
+  with torch.no_grad():
+    for p in model.parameters():
+      p.add_(0.05 * torch.randn_like(p))
+  model.save_pretrained(str(directory), max_shard_size=max_shard_size)
+  return model
+
+
+def hf_logits(model, tokens):
+  with torch.no_grad():
+    return model(torch.tensor(np.asarray(tokens))).logits.numpy()
+
+
+@functools.cache
+def _jitted_apply(cfg):
+  return jax.jit(lm_lib.LM(cfg).apply)
+
+
+def apply(cfg, params, *args):
+  """Our logits, jitted once per config (eager flax dispatch is slower for these tiny models)."""
+  return _jitted_apply(cfg)({"params": params}, *args)
+
+
+def rel_error(ours, theirs):
+  """max |ours - theirs| / max |theirs|, over the columns both have."""
+  ours = np.asarray(ours)[..., :theirs.shape[-1]]
+  return float(np.abs(ours - theirs).max() / np.abs(theirs).max())
+
+
+def random_tokens(seed=0, vocab=V, shape=(2, 16)):
+  return np.random.default_rng(seed).integers(0, vocab, shape).astype(np.int32)
+
+
+@pytest.mark.parametrize("family,sharded", [("gpt2", False), ("gpt2", True), ("llama", False),
+                                            ("gpt_neox", False), ("mpt", False)])
+def test_logits_match_transformers(tmp_path, family, sharded):
+  model = tiny_hf_lm(tmp_path, family, max_shard_size="20KB" if sharded else "5GB")
+  assert os.path.exists(tmp_path / "model.safetensors.index.json") == sharded
+  cfg, params = hf.load_hf_lm(str(tmp_path))
+  assert (cfg.vocab_size, cfg.num_new_tokens) == (V, 2)  # No tokenizer.json: <image>, <EOC>.
+  tokens = random_tokens()
+  ours = apply(cfg, params, tokens)
+  assert ours.shape == (2, 16, V + 2)
+  err = rel_error(ours, hf_logits(model, tokens))
+  print(f"{family}{' (sharded)' if sharded else ''}: relative error {err:.2e}")
+  assert err <= 1e-4
+
+
+def word_level_tokenizer(directory, size):
+  """A tokenizer.json with `size` < V words: the checkpoint's extra rows are padding."""
+  tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(
+      {f"w{i}": i for i in range(size)}, unk_token="w0"))
+  tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+  tok.save(str(directory / "tokenizer.json"))
+  (directory / "tokenizer_config.json").write_text(json.dumps({"eos_token": "w1"}))
+
+
+def test_tokenizer_specials_get_new_rows_after_its_vocabulary(tmp_path):
+  model = tiny_hf_lm(tmp_path, "gpt_neox")
+  word_level_tokenizer(tmp_path, 90)
+  cfg, params = hf.load_hf_lm(str(tmp_path))
+  # <image>, <EOC>, <BOS>, <PAD> (the tokenizer config names an EOS) follow its 90 tokens.
+  assert (cfg.vocab_size, cfg.num_new_tokens) == (90, 4)
+  assert params["token_embed"].shape == (90, 64) and params["lm_head"]["kernel"].shape == (64, 90)
+  np.testing.assert_allclose(params["new_token_embed"],
+                             np.broadcast_to(params["token_embed"].mean(0), (4, 64)))
+  tokens = random_tokens(vocab=90)
+  ours = apply(cfg, params, tokens)
+  assert ours.shape == (2, 16, 94)
+  assert rel_error(ours[..., :90], hf_logits(model, tokens)[..., :90]) <= 1e-4
+  tokens[:, 3] = 90  # <image>: a new row, so the prefix before it is unchanged.
+  with_image = apply(cfg, params, tokens)
+  np.testing.assert_allclose(with_image[:, :3], ours[:, :3], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("placement,xattn_layers", [("paper", [0, 2]), ("open_flamingo", [1])])
+def test_xattn_blocks_with_zero_gates_keep_the_lm(tmp_path, placement, xattn_layers):
+  model = tiny_hf_lm(tmp_path, "llama", num_hidden_layers=3)
+  cfg, params = hf.load_hf_lm(str(tmp_path), xattn=dict(every=2, placement=placement, num_heads=2,
+                                                        head_dim=16), visual_dim=24)
+  assert lm_lib.xattn_layer_indices(cfg) == xattn_layers
+  tokens = random_tokens()
+  rng = np.random.default_rng(1)
+  visual = rng.normal(size=(2, 2, cfg.num_latents, 24)).astype(np.float32)
+  media_idx = np.sort(rng.integers(0, 3, tokens.shape), axis=1).astype(np.int32)
+  err = rel_error(apply(cfg, params, tokens, visual, media_idx), hf_logits(model, tokens))
+  print(f"llama + xattn ({placement}): relative error {err:.2e}")
+  assert err <= 1e-4
+  open_gates = jax.tree_util.tree_map_with_path(
+      lambda path, x: np.ones_like(x) if "gate" in str(path[-1]) else x, params)
+  open_logits = apply(cfg, open_gates, tokens, visual, media_idx)
+  assert rel_error(open_logits, hf_logits(model, tokens)) > 1e-2  # The blocks do act.
+
+
+def test_mismatches_are_listed_in_one_error(tmp_path):
+  tiny_hf_lm(tmp_path, "gpt2")
+  state = safetensors.numpy.load_file(str(tmp_path / "model.safetensors"))
+  del state["transformer.h.1.mlp.c_fc.weight"]
+  state["transformer.h.9.bogus.weight"] = np.zeros(3, np.float32)
+  state["transformer.wpe.weight"] = state["transformer.wpe.weight"][:32]
+  state["lm_head.weight"] = state["transformer.wte.weight"]  # Tolerated: a copy of the tied head,
+  state["transformer.h.0.attn.bias"] = np.ones((1, 1, 64, 64), bool)  # and an old mask buffer.
+  safetensors.numpy.save_file(state, str(tmp_path / "model.safetensors"))
+  with pytest.raises(ValueError) as error:
+    hf.load_hf_lm(str(tmp_path))
+  message = str(error.value)
+  print(message)
+  assert "layers/1/mlp/wi/kernel (checkpoint key transformer.h.1.mlp.c_fc.weight)" in message
+  assert "1 checkpoint keys not used:\n  transformer.h.9.bogus.weight" in message
+  assert "transformer.wpe.weight (32, 64) -> pos_embed expects (64, 64)" in message
+
+
+def test_refuses_pickles_and_unsupported_configs(tmp_path):
+  tiny_hf_lm(tmp_path, "gpt2")
+  os.rename(tmp_path / "model.safetensors", tmp_path / "pytorch_model.bin")
+  with pytest.raises(ValueError, match=r"only pickled \['pytorch_model.bin'\].*safe_serialization"):
+    hf.load_hf_lm(str(tmp_path))
+  with pytest.raises(ValueError, match="model_type='opt' is not supported"):
+    hf.convert({}, {"model_type": "opt"})
+  with pytest.raises(ValueError, match="clip_qkv"):
+    hf.convert({}, {"model_type": "mpt", "attn_config": {"clip_qkv": 6.0}})
