@@ -44,6 +44,7 @@ setuptools.setup(
             "open-clip-torch>=3.0",
             "einops>=0.8",
             "einops-exts>=0.0.4",
+            "pycocoevalcap>=1.2",  # CIDEr-D parity test only.
         ],
     },
 )

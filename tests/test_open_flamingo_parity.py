@@ -4,14 +4,13 @@ Vision is out of scope here (no ViT in JAX): our model takes OpenFlamingo's CLIP
 computed in torch, as `features`.
 """
 import numpy as np
+from open_flamingo.src import helpers
 import pytest
+import torch
 
-torch = pytest.importorskip("torch")
-helpers = pytest.importorskip("open_flamingo.src.helpers")
-
-from flamingo_jax.convert import open_flamingo  # pylint: disable=g-import-not-at-top
-from flamingo_jax.models import perceiver  # pylint: disable=g-import-not-at-top
-from flamingo_jax.models import xattn  # pylint: disable=g-import-not-at-top
+from flamingo_jax.convert import open_flamingo
+from flamingo_jax.models import perceiver
+from flamingo_jax.models import xattn
 
 pytestmark = pytest.mark.parity
 RTOL = 1e-4
@@ -93,8 +92,8 @@ def test_xattn_block_all_previous_media():
 def open_flamingo_model(tmp_path_factory):
   """A tiny OpenFlamingo (CLIP ViT + 4-layer untied GQA LLaMA, xattn every 2nd layer), its
   checkpoint.pt (the full state dict) and the HF LM directory."""
-  open_clip = pytest.importorskip("open_clip")
-  transformers = pytest.importorskip("transformers")
+  import open_clip  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
   from open_flamingo.src import flamingo as of_flamingo  # pylint: disable=g-import-not-at-top
   from open_flamingo.src import flamingo_lm, utils  # pylint: disable=g-import-not-at-top
   torch.manual_seed(0)

@@ -152,12 +152,16 @@ def alibi_slopes(num_heads: int, bias_max: float) -> np.ndarray:
 
 
 class SelfAttention(nn.Module):
-  """Causal self-attention; in decode mode keys/values go to a fixed-size cache in 'cache'."""
+  """Causal self-attention; in decode mode keys/values go to a fixed-size cache in 'cache'.
+
+  key_mask [B, S] (True = a real token; S = L, or the cache length in decode mode) hides padding
+  keys, e.g. the left padding of batched prompts of different lengths (eval/decode.py).
+  """
   cfg: LMConfig
   decode: bool = False
 
   @nn.compact
-  def __call__(self, x, positions):  # x: [B, L, D]; positions: [B, L]
+  def __call__(self, x, positions, key_mask=None):  # x: [B, L, D]; positions: [B, L]
     cfg = self.cfg
     kw = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype),
               use_bias=cfg.use_bias)
@@ -184,6 +188,8 @@ class SelfAttention(nn.Module):
         k, v, q_slot = ck.value, cv.value, idx + q_slot
     k_slot = jnp.arange(k.shape[1])
     mask = (k_slot[None, :] <= q_slot[:, None])[None, None]  # [1, 1, L, S]
+    if key_mask is not None:
+      mask = mask & key_mask[:, None, None, :]  # [B, 1, L, S]
     bias = None
     if cfg.position == "alibi":
       slopes = jnp.asarray(alibi_slopes(cfg.num_heads, cfg.alibi_bias_max))
@@ -213,12 +219,12 @@ class DecoderLayer(nn.Module):
   decode: bool = False
 
   @nn.compact
-  def __call__(self, x, positions):
+  def __call__(self, x, positions, key_mask=None):
     cfg = self.cfg
     nkw = dict(eps=cfg.norm_eps, use_bias=cfg.norm_bias, dtype=jnp.dtype(cfg.dtype),
                param_dtype=jnp.dtype(cfg.param_dtype))
     a = SelfAttention(cfg, self.decode, name="attn")(
-        layers.norm(cfg.norm, **nkw, name="norm_attn")(x), positions)
+        layers.norm(cfg.norm, **nkw, name="norm_attn")(x), positions, key_mask)
     if cfg.parallel_residual:
       x = x + a + Mlp(cfg, name="mlp")(layers.norm(cfg.norm, **nkw, name="norm_mlp")(x))
     else:
@@ -243,7 +249,7 @@ class XattnGroup(nn.Module):
   decode: bool = False
 
   @nn.compact
-  def __call__(self, x, visual, media_idx, positions):
+  def __call__(self, x, visual, media_idx, positions, key_mask=None):
     cfg, xc = self.cfg, self.cfg.xattn
     block = layers.remat(xattn_lib.GatedXattnDense, cfg.remat_policy, static_argnums=(4,))
     x = block(num_heads=xc.num_heads, num_latents=cfg.num_latents, head_dim=xc.head_dim,
@@ -251,7 +257,7 @@ class XattnGroup(nn.Module):
               only_attend_immediate=xc.only_attend_immediate, norm_kv=xc.norm_kv,
               gated=xc.gated, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype),
               name="xattn")(x, visual, media_idx, self.decode)
-    x, _ = _layer_stack(cfg, self.length, self.decode, "layers")(x, positions)
+    x, _ = _layer_stack(cfg, self.length, self.decode, "layers")(x, positions, key_mask)
     return x, None
 
 
@@ -259,7 +265,8 @@ class LM(nn.Module):
   """tokens [B, L] (+ visual [B, N, R, Dv], media_idx [B, L]) -> logits [B, L, V + n_new] float32.
 
   `decode=True` runs incrementally: the first call (on the prompt, visual given) fills the KV cache
-  and the visual keys/values; later calls pass the new tokens and visual=None.
+  and the visual keys/values; later calls pass the new tokens and visual=None. Batched prompts of
+  different lengths are left-padded and pass per-row `positions` and a `key_mask` over the cache.
   """
   cfg: LMConfig
   decode: bool = False
@@ -292,7 +299,7 @@ class LM(nn.Module):
     return jnp.concatenate(logits, -1)
 
   @nn.compact
-  def __call__(self, tokens, visual=None, media_idx=None, positions=None):
+  def __call__(self, tokens, visual=None, media_idx=None, positions=None, key_mask=None):
     cfg = self.cfg
     x, table, new_table = self.embed(tokens)  # [B, L, D]
     if positions is None:
@@ -318,14 +325,16 @@ class LM(nn.Module):
       if media_idx is None:
         raise ValueError("media_idx is required when the LM has xattn blocks.")
     if prefix:
-      x, _ = _layer_stack(cfg, prefix, self.decode, "layers")(x, positions)
+      x, _ = _layer_stack(cfg, prefix, self.decode, "layers")(x, positions, key_mask)
     if groups:
       x, _ = nn.scan(
           XattnGroup, variable_axes={"params": 0, "cache": 0}, split_rngs={"params": True},
           in_axes=nn.broadcast, length=groups, metadata_params={nn.PARTITION_NAME: "groups"},
-      )(cfg, cfg.xattn.every, self.decode, name="groups")(x, visual, media_idx, positions)
+      )(cfg, cfg.xattn.every, self.decode, name="groups")(x, visual, media_idx, positions,
+                                                          key_mask)
     if tail:
-      x, _ = XattnGroup(cfg, tail, self.decode, name="tail")(x, visual, media_idx, positions)
+      x, _ = XattnGroup(cfg, tail, self.decode, name="tail")(x, visual, media_idx, positions,
+                                                             key_mask)
     if cfg.final_norm:
       x = layers.norm(cfg.norm, eps=cfg.norm_eps, use_bias=cfg.norm_bias, dtype=x.dtype,
                       param_dtype=jnp.dtype(cfg.param_dtype), name="norm_final")(x)

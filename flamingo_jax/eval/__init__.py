@@ -1,0 +1,1 @@
+"""Few-shot evaluation: decoding (decode.py), prompting and scoring (fewshot.py), metrics."""

@@ -1,0 +1,203 @@
+"""Batched greedy and beam-search decoding with a fixed-size KV cache (paper: beam 3, stop at <EOC>).
+
+Prompts of different lengths are left-padded to one length P: row b's prompt fills the last
+lengths[b] slots, a key mask hides the pads and positions count from each row's first real token.
+The prompt's call fills the self-attention caches and projects the visual keys/values once; every
+new token is then one cached LM step inside a `jax.lax.while_loop`, so a given (batch, P,
+max_new_tokens) compiles once, whatever lengths are generated. The loop stops when every row (every
+beam) has emitted a stop token or after max_new_tokens.
+"""
+import functools
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flamingo_jax.models import lm as lm_lib
+
+_MODEL_FNS: dict[tuple[int, Callable], tuple[Any, Callable]] = {}
+
+
+def model_fn(model, fn: Callable) -> Callable:
+  """`fn(model, *args)` jitted once per model.
+
+  Flamingo modules hold dicts, so they cannot be static jit arguments; the entry keeps the model
+  alive, so its id stays unique.
+  """
+  key = (id(model), fn)
+  if key not in _MODEL_FNS:
+    _MODEL_FNS[key] = (model, jax.jit(functools.partial(fn, model)))
+  return _MODEL_FNS[key][1]
+
+
+def _encode(model, params, images):
+  return model.apply({"params": params}, images, method=model.encode_images)
+
+
+def visual_tokens(model, params, images) -> jax.Array:
+  """images [B, N, T, H, W, 3] -> the resampler's visual tokens [B, N, R, D] that the LM attends to."""
+  return model_fn(model, _encode)(params, images)
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, image_id: int,
+             multiple: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Prompts (id lists) -> tokens [B, P], media_idx [B, P], lengths [B]; P a multiple of `multiple`.
+
+  Rounding P up bounds how many prompt lengths get compiled.
+  """
+  if not prompts or not all(len(p) for p in prompts):
+    raise ValueError("left_pad: expected a non-empty list of non-empty prompts.")
+  lengths = np.array([len(p) for p in prompts], np.int32)
+  width = -(-int(lengths.max()) // multiple) * multiple
+  tokens = np.full((len(prompts), width), pad_id, np.int32)
+  for row, p in zip(tokens, prompts):
+    row[width - len(p):] = p
+  media_idx = np.cumsum(tokens == image_id, axis=1).astype(np.int32)
+  return tokens, media_idx, lengths
+
+
+def _cache_shapes(lm, batch, length, visual):
+  """Shapes of the decode cache for `batch` rows and `length` slots (nothing is computed)."""
+  zeros = jax.ShapeDtypeStruct((batch, length), jnp.int32)
+  v = jax.ShapeDtypeStruct((batch, *visual.shape[1:]), visual.dtype)
+  mask = jax.ShapeDtypeStruct((batch, length), jnp.bool_)
+  return jax.eval_shape(functools.partial(lm.init, jax.random.PRNGKey(0)), zeros, v, zeros, zeros,
+                        mask)["cache"]
+
+
+def _batch_axes(lm, length, visual):
+  """Per cache leaf, the axis that indexes batch rows (None: shared, e.g. the cache index)."""
+  one, two = (_cache_shapes(lm, b, length, visual) for b in (1, 2))
+  def axis(a, b):
+    diff = [i for i, (x, y) in enumerate(zip(a.shape, b.shape)) if x != y]
+    return diff[0] if diff else None
+  return jax.tree_util.tree_map(axis, one, two)
+
+
+def _prefill(lm, params, visual, tokens, media_idx, lengths, max_new_tokens):
+  """Runs the prompts: -> last log-probs [B, V], the filled cache, key_mask [B, P + max_new_tokens]."""
+  b, p = tokens.shape
+  pad = p - lengths  # [B]
+  key_mask = jnp.arange(p + max_new_tokens)[None] >= pad[:, None]
+  positions = jnp.maximum(jnp.arange(p)[None] - pad[:, None], 0)
+  cache = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype),
+                                 _cache_shapes(lm, b, p + max_new_tokens, visual))
+  logits, state = lm.apply({"params": params, "cache": cache}, tokens, visual, media_idx,
+                           positions, key_mask, mutable=["cache"])
+  return jax.nn.log_softmax(logits[:, -1]), state["cache"], key_mask
+
+
+def _step(lm, params, cache, token, position, media_idx, key_mask):
+  """One cached LM call on token [B] -> next log-probs [B, V], the updated cache."""
+  logits, state = lm.apply({"params": params, "cache": cache}, token[:, None], None,
+                           media_idx[:, None], position[:, None], key_mask, mutable=["cache"])
+  return jax.nn.log_softmax(logits[:, 0]), state["cache"]
+
+
+@functools.partial(jax.jit, static_argnames=("lm", "max_new_tokens"))
+def greedy_search(lm: lm_lib.LM, params, visual, tokens, media_idx, lengths, stop_ids, pad_id, *,
+                  max_new_tokens: int):
+  """Greedy decoding -> (generated ids [B, T] with the stop token then pad_id, log-probs [B]).
+
+  lm: the LM in decode mode (`lm_lib.LM(model.lm, decode=True)`), params its parameters;
+  visual [B, N, R, D]; tokens/media_idx [B, P] left-padded (`left_pad`); lengths [B];
+  stop_ids [S]. The log-prob sums the generated tokens', stop token included.
+  """
+  logprobs, cache, key_mask = _prefill(lm, params, visual, tokens, media_idx, lengths,
+                                       max_new_tokens)
+  b = tokens.shape[0]
+  media = media_idx[:, -1]  # New tokens see the prompt's last image.
+
+  def body(state):
+    t, cache, logprobs, out, score, done = state
+    token = jnp.where(done, pad_id, jnp.argmax(logprobs, -1))
+    score = score + jnp.where(done, 0.0, jnp.take_along_axis(logprobs, token[:, None], 1)[:, 0])
+    done = done | jnp.isin(token, stop_ids)
+    logprobs, cache = _step(lm, params, cache, token, lengths + t, media, key_mask)
+    return t + 1, cache, logprobs, out.at[:, t].set(token), score, done
+
+  state = (0, cache, logprobs, jnp.full((b, max_new_tokens), pad_id, jnp.int32),
+           jnp.zeros(b), jnp.zeros(b, bool))
+  state = jax.lax.while_loop(lambda s: (s[0] < max_new_tokens) & ~s[-1].all(), body, state)
+  return state[3], state[4]
+
+
+@functools.partial(jax.jit, static_argnames=("lm", "max_new_tokens", "beam_size"))
+def beam_search(lm: lm_lib.LM, params, visual, tokens, media_idx, lengths, stop_ids, pad_id, *,
+                max_new_tokens: int, beam_size: int = 3, length_penalty: float = 1.0):
+  """Beam search per row -> (best generated ids [B, T], its raw log-prob [B]).
+
+  Arguments as `greedy_search`. Beams are ranked by log-prob / (generated length)^length_penalty:
+  1.0 (default, as Hugging Face `generate`, which OpenFlamingo's evaluation uses) is the mean
+  token log-prob, 0.0 the raw log-prob. A finished beam stays in the pool with its score (it
+  extends only by pad, at no cost) until the loop ends; the best beam is returned.
+  """
+  b, k = tokens.shape[0], beam_size
+  logprobs, cache, key_mask = _prefill(lm, params, visual, tokens, media_idx, lengths,
+                                       max_new_tokens)
+  axes = _batch_axes(lm, tokens.shape[1] + max_new_tokens, visual)
+  gather = lambda tree, rows: jax.tree_util.tree_map(
+      lambda x, ax: x if ax is None else jnp.take(x, rows, axis=ax), tree, axes)
+  beams = jnp.repeat(jnp.arange(b), k)  # [B*K] row of each beam
+  cache, logprobs, key_mask = gather(cache, beams), logprobs[beams], key_mask[beams]
+  lengths, media = lengths[beams], media_idx[beams, -1]
+  v = logprobs.shape[-1]
+  pad_only = jnp.where(jnp.arange(v) == pad_id, 0.0, -jnp.inf)  # A finished beam's one extension.
+
+  def rank(score, length):
+    return score / jnp.maximum(length, 1).astype(jnp.float32) ** length_penalty
+
+  def body(state):
+    t, cache, logprobs, seqs, score, length, done = state  # seqs [B, K, T]; others [B, K]
+    ext = jnp.where(done[..., None], pad_only, logprobs.reshape(b, k, v))
+    cand = (score[..., None] + ext).reshape(b, k * v)
+    cand_len = jnp.repeat(length + ~done, v, axis=1)  # [B, K*V]
+    _, best = jax.lax.top_k(rank(cand, cand_len), k)  # [B, K]
+    parent, token = best // v, best % v
+    score = jnp.take_along_axis(cand, best, 1)
+    length = jnp.take_along_axis(cand_len, best, 1)
+    done = jnp.take_along_axis(done, parent, 1) | jnp.isin(token, stop_ids)
+    seqs = jnp.take_along_axis(seqs, parent[..., None], 1).at[:, :, t].set(token)
+    rows = (jnp.arange(b)[:, None] * k + parent).reshape(-1)  # [B*K]
+    logprobs, cache = _step(lm, params, gather(cache, rows), token.reshape(-1), lengths + t, media,
+                            key_mask)
+    return t + 1, cache, logprobs, seqs, score, length, done
+
+  score = jnp.where(jnp.arange(k) == 0, 0.0, -jnp.inf)[None].repeat(b, 0)  # One live beam at first.
+  state = (0, cache, logprobs, jnp.full((b, k, max_new_tokens), pad_id, jnp.int32), score,
+           jnp.zeros((b, k), jnp.int32), jnp.zeros((b, k), bool))
+  state = jax.lax.while_loop(lambda s: (s[0] < max_new_tokens) & ~s[-1].all(), body, state)
+  _, _, _, seqs, score, length, _ = state
+  top = jnp.argmax(rank(score, length), axis=1)  # [B]
+  return seqs[jnp.arange(b), top], score[jnp.arange(b), top]
+
+
+def generate(model, params, tokenizer, images, prompts: Sequence[Sequence[int]], *,
+             max_new_tokens: int = 20, beam_size: int = 3, length_penalty: float = 1.0,
+             pad_multiple: int = 16) -> list[list[int]]:
+  """Continues each prompt until <EOC> or <EOS>: the generated ids per prompt, stop token dropped.
+
+  model/params: a Flamingo (any `decode` setting) and its parameters; images [B, N, T, H, W, 3] the
+  media of each prompt in order; prompts: id lists with their <image> tokens (fewshot.py builds
+  them). beam_size 1 is greedy.
+  """
+  lm = lm_lib.LM(model.lm, decode=True)
+  tokens, media_idx, lengths = left_pad(prompts, tokenizer.pad_id, tokenizer.image_id,
+                                        pad_multiple)
+  if int(lengths.max()) + max_new_tokens > model.lm.max_len:
+    raise ValueError(f"A prompt of {lengths.max()} tokens plus max_new_tokens={max_new_tokens} "
+                     f"exceeds the LM's max_len={model.lm.max_len}; use fewer shots or tokens.")
+  args = (lm, params["lm"], visual_tokens(model, params, images), tokens, media_idx, lengths,
+          jnp.array([tokenizer.eoc_id, tokenizer.eos_id]), tokenizer.pad_id)
+  if beam_size == 1:
+    out, _ = greedy_search(*args, max_new_tokens=max_new_tokens)
+  else:
+    out, _ = beam_search(*args, max_new_tokens=max_new_tokens, beam_size=beam_size,
+                         length_penalty=length_penalty)
+  stops = (tokenizer.eoc_id, tokenizer.eos_id)
+  results = []
+  for row in np.asarray(out).tolist():
+    end = next((i for i, t in enumerate(row) if t in stops), len(row))
+    results.append(row[:end])
+  return results

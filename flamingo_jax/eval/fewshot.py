@@ -1,0 +1,223 @@
+"""Few-shot evaluation (paper §3, App. B.1.5): k-shot prompts, random or RICES support selection,
+open-ended tasks by generation and close-ended tasks by log-likelihood ranking.
+
+A k-shot prompt is `<BOS>(<image>shot<EOC>)×k<image>query` (interleave.py's format, left open for
+the answer). Zero-shot follows the paper: two text-only shots, then the query with its image.
+`data` is {'train': support examples, 'test': queries} as numpy dicts (tfds.as_numpy of
+shapes_fewshot or a dataset with the same fields); `names` episodes carry their own support.
+"""
+import functools
+import logging
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flamingo_jax.data.datasets import shapes_fewshot
+from flamingo_jax.eval import decode
+from flamingo_jax.eval import metrics
+from flamingo_jax.models import lm as lm_lib
+
+SHOTS = (0, 4, 8, 16, 32)
+ZERO_SHOT_TEXTS = 2  # Text-only examples in a zero-shot prompt (paper §3).
+TEMPLATES = {  # task: (shot, query); fields from `_fields`.
+    "captioning": ("Output: {caption}", "Output:"),
+    "vqa": ("Question: {question} Short answer: {answer}", "Question: {question} Short answer:"),
+}
+
+
+def _text(value) -> str:
+  return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def _fields(task: str, example: dict) -> dict[str, str]:
+  if task == "captioning":
+    return {"caption": _text(example["captions"][0])}
+  return {"question": _text(example["question"]), "answer": _text(example["answers"][0])}
+
+
+def to_model_range(images: np.ndarray) -> np.ndarray:
+  """uint8 pixels -> float32 in [-1, 1], as the training pp's value_range(-1, 1)."""
+  return np.asarray(images, np.float32) / 127.5 - 1.0
+
+
+def build_prompt(tokenizer, shots: Sequence[str], query: str, shot_images: bool = True) -> list[int]:
+  """<BOS>(<image>shot<EOC>)*<image>query ids; shot_images=False drops the shots' <image>."""
+  ids = [tokenizer.bos_id]
+  for text in shots:
+    ids += [tokenizer.image_id] * shot_images + tokenizer.encode(text) + [tokenizer.eoc_id]
+  return ids + [tokenizer.image_id] + tokenizer.encode(query)
+
+
+def random_support(rng: np.random.Generator, num_support: int, num_queries: int,
+                   k: int) -> np.ndarray:
+  """[Q, k] distinct support indices drawn independently for each query."""
+  return np.stack([rng.choice(num_support, k, replace=False) for _ in range(num_queries)])
+
+
+def rices_support(support_emb, query_emb, k: int) -> np.ndarray:
+  """RICES: the k supports most cosine-similar to each query, [Q, k], the most similar LAST."""
+  unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
+  sim = unit(np.asarray(query_emb)) @ unit(np.asarray(support_emb)).T  # [Q, S]
+  return np.argsort(sim, axis=1, kind="stable")[:, -k:]
+
+
+def _embed(model, params, images):
+  pooled = lambda m, x: m.vision_encoder(x, train=False).mean(axis=(1, 2))
+  return model.apply({"params": params}, images, method=pooled)
+
+
+def image_embeddings(model, params, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+  """images [M, H, W, 3] -> mean-pooled frozen vision-encoder features [M, C] (for RICES)."""
+  fn = decode.model_fn(model, _embed)
+  out = []
+  for start in range(0, len(images), batch_size):
+    chunk = images[start:start + batch_size]
+    padded = np.concatenate([chunk, np.zeros((batch_size - len(chunk), *chunk.shape[1:]),
+                                             chunk.dtype)])  # One shape, one compile.
+    out.append(np.asarray(fn(params, padded))[:len(chunk)])
+  return np.concatenate(out)
+
+
+@functools.partial(jax.jit, static_argnames="lm")
+def sequence_logprob(lm: lm_lib.LM, params, visual, tokens, media_idx, target_mask):
+  """Sum over t of log p(tokens[t] | tokens[<t]) where target_mask[t]: [B]. Right-padded rows."""
+  logits = lm.apply({"params": params}, tokens, visual, media_idx)  # [B, L, V]
+  logp = jnp.take_along_axis(jax.nn.log_softmax(logits[:, :-1]), tokens[:, 1:, None], 2)[..., 0]
+  return (logp * target_mask[:, 1:]).sum(-1)
+
+
+def score_choices(model, params, tokenizer, shot_texts: Sequence[str], shot_visual, query_visual,
+                  choices: Sequence[str], template: str = shapes_fewshot.NAME_TEMPLATE,
+                  pad_multiple: int = 16) -> np.ndarray:
+  """Log-likelihood of each query's continuation template.format(choice) + <EOC>: [Q, C].
+
+  shot_visual [k, R, D]: the shots' visual tokens (k = 0: text-only shots); query_visual [Q, R, D].
+  """
+  k, q = len(shot_visual), len(query_visual)
+  if k and k != len(shot_texts):
+    raise ValueError(f"score_choices: {len(shot_texts)} shot texts but {k} shot images.")
+  prompt = build_prompt(tokenizer, shot_texts, "", shot_images=k > 0)
+  conts = [tokenizer.encode(template.format(c)) + [tokenizer.eoc_id] for c in choices]
+  width = -(-(len(prompt) + max(map(len, conts))) // pad_multiple) * pad_multiple
+  tokens = np.full((q * len(choices), width), tokenizer.pad_id, np.int32)
+  target = np.zeros(tokens.shape, np.float32)
+  for row, cont in enumerate(conts * q):
+    tokens[row, :len(prompt) + len(cont)] = prompt + cont
+    target[row, len(prompt):len(prompt) + len(cont)] = 1.0
+  media_idx = np.cumsum(tokens == tokenizer.image_id, axis=1).astype(np.int32)
+  shots = jnp.broadcast_to(shot_visual, (q, *shot_visual.shape))  # [Q, k, R, D]
+  visual = jnp.concatenate([shots, query_visual[:, None]], 1)  # [Q, k + 1, R, D]
+  visual = jnp.repeat(visual, len(choices), axis=0)  # [Q * C, k + 1, R, D]
+  scores = sequence_logprob(lm_lib.LM(model.lm), params["lm"], visual, tokens, media_idx, target)
+  return np.asarray(scores).reshape(q, len(choices))
+
+
+def _shot_count(k: int) -> int:
+  return k or ZERO_SHOT_TEXTS
+
+
+def evaluate_names(model, params, tokenizer, data, shots: Sequence[int] = SHOTS, *,
+                   preprocess: Callable = to_model_range) -> dict[str, float]:
+  """The close-ended `names` task: accuracy per k (first k supports) and the chance level.
+
+  Each query is scored over its episode's `choices` by log-likelihood; k that do not fit the LM's
+  context or the episode's support are left out (logged).
+  """
+  correct, skipped = {k: [] for k in shots}, set()
+  chance = []
+  for ep in data["test"]:
+    choices = [_text(c) for c in ep["choices"]]
+    texts = [shapes_fewshot.NAME_TEMPLATE.format(_text(n)) for n in ep["support_names"]]
+    images = preprocess(np.concatenate([ep["support_images"], ep["query_images"]]))
+    visual = decode.visual_tokens(model, params, images[None, :, None])[0]  # [S + Q, R, D]
+    support, queries = visual[:len(texts)], visual[len(texts):]
+    labels = [choices.index(_text(n)) for n in ep["query_names"]]
+    chance.append(1.0 / len(choices))
+    longest = max(len(tokenizer.encode(shapes_fewshot.NAME_TEMPLATE.format(c))) for c in choices)
+    for k in shots:
+      n = _shot_count(k)
+      length = len(build_prompt(tokenizer, texts[:n], "", k > 0)) + longest + 1
+      if n > len(texts) or length > model.lm.max_len:
+        skipped.add(k)
+        continue
+      scores = score_choices(model, params, tokenizer, texts[:n], support[:k], queries, choices)
+      correct[k] += list(scores.argmax(1) == np.array(labels))
+  if skipped:
+    logging.info("names: shots %s left out (support or context too short).", sorted(skipped))
+  out = {f"accuracy/{k}shot": float(np.mean(correct[k])) for k in shots if k not in skipped}
+  return {**out, "chance": float(np.mean(chance))}
+
+
+def evaluate_open_ended(task: str, model, params, tokenizer, data, shots: Sequence[int] = SHOTS,
+                        *, selection: str = "random", seed: int = 0, batch_size: int = 8,
+                        beam_size: int = 3, max_new_tokens: int = 20,
+                        preprocess: Callable = to_model_range) -> dict[str, float]:
+  """Captioning (CIDEr-D) or VQA (VQA accuracy) by generation, per k.
+
+  Supports come from data['train'], chosen per query at random or by RICES (`selection`); k that
+  do not fit the LM's context or the support set are left out (logged).
+  """
+  if task not in TEMPLATES:
+    raise ValueError(f"task={task!r}; expected one of {sorted(TEMPLATES)}.")
+  if selection not in ("random", "rices"):
+    raise ValueError(f"selection={selection!r}; expected 'random' or 'rices'.")
+  support, queries = list(data["train"]), list(data["test"])
+  shot_fmt, query_fmt = TEMPLATES[task]
+  shot_texts = [shot_fmt.format(**_fields(task, ex)) for ex in support]
+  query_texts = [query_fmt.format(**_fields(task, ex)) for ex in queries]
+  images = lambda examples: preprocess(np.stack([ex["image"] for ex in examples]))
+  if selection == "rices":
+    support_emb = image_embeddings(model, params, images(support))
+    query_emb = image_embeddings(model, params, images(queries))
+  rng = np.random.default_rng(seed)
+  name = "cider" if task == "captioning" else "vqa_accuracy"
+  results = {}
+  for k in shots:
+    n = _shot_count(k)
+    if n > len(support):
+      logging.info("%s: %d-shot left out: only %d support examples.", task, k, len(support))
+      continue
+    chosen = (rices_support(support_emb, query_emb, n) if selection == "rices" else
+              random_support(rng, len(support), len(queries), n))
+    prompts = [build_prompt(tokenizer, [shot_texts[j] for j in chosen[i]], query_texts[i], k > 0)
+               for i in range(len(queries))]
+    if max(map(len, prompts)) + max_new_tokens > model.lm.max_len:
+      logging.info("%s: %d-shot left out: prompts exceed max_len.", task, k)
+      continue
+    predictions = []
+    for start in range(0, len(queries), batch_size):
+      rows = range(start, min(start + batch_size, len(queries)))
+      media = [[support[j] for j in chosen[i]][:k] + [queries[i]] for i in rows]
+      batch = np.stack([images(m) for m in media])[:, :, None]  # [B, k + 1, 1, H, W, 3]
+      ids = decode.generate(model, params, tokenizer, batch, [prompts[i] for i in rows],
+                            max_new_tokens=max_new_tokens, beam_size=beam_size)
+      predictions += [tokenizer.decode(x, skip_special=True).strip() for x in ids]
+    if task == "captioning":
+      refs = [[metrics.caption_tokens(_text(c)) for c in ex["captions"]] for ex in queries]
+      results[f"{name}/{k}shot"] = metrics.cider_d(
+          [metrics.caption_tokens(p) for p in predictions], refs)[0]
+    else:
+      results[f"{name}/{k}shot"] = float(np.mean([
+          metrics.vqa_accuracy(p, [_text(a) for a in ex["answers"]])
+          for p, ex in zip(predictions, queries)]))
+  return results
+
+
+TASKS = {
+    "captioning": functools.partial(evaluate_open_ended, "captioning"),
+    "vqa": functools.partial(evaluate_open_ended, "vqa"),
+    "names": evaluate_names,
+}
+
+
+def evaluate_task(task_name: str, model, params, tokenizer, data, shots: Sequence[int] = SHOTS,
+                  **options) -> dict[str, float]:
+  """Few-shot scores of `task_name` per k: {'<metric>/<k>shot': value, ...} (+ 'chance' if close-ended).
+
+  options go to the task's evaluator (`evaluate_open_ended` or `evaluate_names`).
+  """
+  if task_name not in TASKS:
+    raise ValueError(f"task_name={task_name!r}; expected one of {sorted(TASKS)}.")
+  return TASKS[task_name](model, params, tokenizer, data, shots, **options)
