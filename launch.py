@@ -5,7 +5,13 @@ Modes (each a small function in MODES):
   local_multiprocess  the same training as --num_processes processes on this machine (CPU, gloo).
   tpu_pod             copy the code to a TPU VM pod, install jax[tpu] and train on every worker
                       (prints the gcloud commands with --dry_run).
+  compile             compile the train step for --topology (e.g. v4-3072, v5p:8x8x16) on this host
+                      (needs libtpu, no TPU and no --workdir) and print per-chip memory, FLOPs per
+                      step, compile time and the step time at --mfu (flamingo_jax/train/aot.py).
+  eval                evaluate the workdir's newest checkpoint (few-shot tasks for Flamingo,
+                      retrieval for the contrastive model; flamingo_jax/eval/evaluate.py).
 """
+import json
 import os
 import shlex
 import socket
@@ -20,7 +26,8 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:arg]).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and logs go here.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "local_multiprocess", "tpu_pod"],
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "local_multiprocess", "tpu_pod", "compile",
+                                           "eval"],
                           "What to do (see the module docstring).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", 1, "Processes of a multi-process run.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", 0, "This process (set by local_multiprocess).")
@@ -30,10 +37,13 @@ _MULTIHOST = flags.DEFINE_bool("multihost", False, "Call jax.distributed.initial
 _TPU = flags.DEFINE_string("tpu", "", "tpu_pod: the TPU VM name.")
 _ZONE = flags.DEFINE_string("zone", "", "tpu_pod: its zone.")
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "tpu_pod: print the commands, run nothing.")
+_TOPOLOGY = flags.DEFINE_string("topology", "", "compile: a TPU type (v4-128; v4 and v5p count "
+                                "TensorCores) or topology (v4:4x4x4).")
+_MFU = flags.DEFINE_float("mfu", 0.5, "compile: the model FLOPs utilisation for the step time.")
 
 # Flags that select the mode; everything else in argv is passed on to the training processes.
 _MODE_FLAGS = ("--mode", "--num_processes", "--process_id", "--coordinator", "--multihost",
-               "--tpu", "--zone", "--dry_run", "--nodry_run")
+               "--tpu", "--zone", "--dry_run", "--nodry_run", "--topology", "--mfu")
 
 
 def _train_argv(argv: list[str]) -> list[str]:
@@ -106,13 +116,31 @@ def tpu_pod(argv):
       subprocess.run(command, check=True)
 
 
-MODES = {"train": train, "local_multiprocess": local_multiprocess, "tpu_pod": tpu_pod}
+def compile_for_topology(argv):
+  """Compiles the update step for --topology and prints what it needs per chip."""
+  del argv
+  if not _TOPOLOGY.value:
+    raise app.UsageError("--mode=compile needs --topology (e.g. v4-128 or v4:4x4x4).")
+  from flamingo_jax.train import aot  # pylint: disable=g-import-not-at-top
+  for report in aot.compile_step(_CONFIG.value, _TOPOLOGY.value):
+    print(report.format(_MFU.value))
+
+
+def evaluate(argv):
+  """Evaluates the newest checkpoint in --workdir and prints the results (also in eval.json)."""
+  del argv
+  from flamingo_jax.eval import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
+  print(json.dumps(evaluate_lib.evaluate(_CONFIG.value, _WORKDIR.value), indent=2))
+
+
+MODES = {"train": train, "local_multiprocess": local_multiprocess, "tpu_pod": tpu_pod,
+         "compile": compile_for_topology, "eval": evaluate}
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}.")
-  if not _WORKDIR.value:
+  if not _WORKDIR.value and _MODE.value != "compile":
     raise app.UsageError("--workdir is required.")
   logging.info("Mode %s.", _MODE.value)
   MODES[_MODE.value](sys.argv)

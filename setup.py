@@ -45,6 +45,7 @@ setuptools.setup(
             "einops>=0.8",
             "einops-exts>=0.0.4",
             "pycocoevalcap>=1.2",  # CIDEr-D parity test only.
+            "jax[tpu]>=0.10.2",  # libtpu: AOT compilation for TPU topologies on a CPU host.
         ],
     },
 )

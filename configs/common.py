@@ -50,6 +50,7 @@ FLAMINGO_SCHEDULE = [
 def training(total_steps: int) -> ml_collections.ConfigDict:
   """Training fields with the paper's hyper-parameters (App. B.1.2); see flamingo_jax/train/."""
   return ml_collections.ConfigDict(dict(
+      model_name="flamingo",  # What trains: 'flamingo' | 'lm' | 'contrastive' (train/kinds/).
       seed=0,
       total_steps=total_steps,
       mixture_mode="accumulate",  # 'accumulate' (paper) | 'round_robin' (ablation)
@@ -57,7 +58,8 @@ def training(total_steps: int) -> ml_collections.ConfigDict:
       lr=1e-4,
       lr_schedule=dict(warmup_steps=5000, decay_type="constant", end_lr_frac=0.0),
       optim=dict(b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.1, no_decay=r"^resampler/",
-                 grad_clip=1.0, agc=0.0),  # agc > 0: adaptive gradient clipping (NFNet training).
+                 grad_clip=1.0, agc=0.0, agc_params=""),  # agc > 0: adaptive gradient clipping
+      # (NFNet training) of the parameters whose path matches the agc_params regex ("" = all).
       schedule=FLAMINGO_SCHEDULE,
       frozen_dtype="",  # e.g. 'bfloat16': store frozen parameters in it ('' = as initialised).
       mesh=(1, -1, 1),  # (data, fsdp, model); one -1 fills with the remaining devices.

@@ -18,5 +18,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model = common.paper_model(lm_layers=80, lm_dim=8192, lm_heads=64, xattn_every=7,
                                     xattn_heads=64)
   config.image_size = 320
+  config.frozen_dtype = "bfloat16"  # The frozen 70B LM as stored: 140 GB, not 280 GB.
   config.input = common.paper_input(config.image_size)
   return config

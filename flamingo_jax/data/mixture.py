@@ -27,8 +27,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from flamingo_jax.data import pp
 from flamingo_jax.data import tokenizer as tokenizer_lib
 
-# One dataset's config: tfds_name, split, batch_size (global), pp, weight (λ, default 1), data_dir.
-_FIELDS = {"tfds_name", "split", "batch_size", "pp", "weight", "data_dir"}
+# One dataset's config: tfds_name, split, batch_size (global), pp, weight (λ, default 1), data_dir,
+# cache (default False: True reads every record once into memory, for small datasets).
+_FIELDS = {"tfds_name", "split", "batch_size", "pp", "weight", "data_dir", "cache"}
 _REQUIRED = {"tfds_name", "split", "batch_size", "pp"}
 
 
@@ -174,7 +175,7 @@ def make_mixture(datasets: Mapping[str, Mapping[str, Any]], *,
 
   Args:
     datasets: {name: {'tfds_name', 'split', 'batch_size' (global), 'pp', 'weight' (λ),
-      'data_dir'}}; the sequence length is the pp string's max_len.
+      'data_dir', 'cache'}}; the sequence length is the pp string's max_len.
     tokenizer: for the pp strings' tokenize ops.
     seed: fixes the shuffle and every random pp op.
     mesh: when given, batches are global jax.Arrays sharded on `batch_axes`; numpy otherwise.
@@ -186,6 +187,8 @@ def make_mixture(datasets: Mapping[str, Mapping[str, Any]], *,
   _check_config(datasets)
   sources = {name: open_source(cfg["tfds_name"], cfg["split"], cfg.get("data_dir"))
              for name, cfg in datasets.items()}
+  sources = {name: list(source) if datasets[name].get("cache") else source
+             for name, source in sources.items()}
   mixture = Mixture(datasets, sources, tokenizer=tokenizer, seed=seed, mesh=mesh,
                     batch_axes=batch_axes, process_index=process_index,
                     process_count=process_count, num_workers=num_workers)

@@ -23,6 +23,7 @@ import numpy as np
 from PIL import Image
 
 from flamingo_jax.data import interleave
+from flamingo_jax.data.datasets import shapes_fewshot
 from flamingo_jax.data import tokenizer as tokenizer_lib
 
 Example = dict[str, Any]
@@ -228,6 +229,29 @@ def choose(key: str = "captions/text", to: str = "caption"):
   return op
 
 
+@_register
+def name_episode(num_shots: int = 8):
+  """A shapes_fewshot/names episode -> a document of `num_shots` named shapes, for training.
+
+  Draws num_shots of the episode's support and query images in random order and gives its shape
+  classes fresh made-up names per example, so a name can only be predicted from an earlier image
+  of the same shape in context: 'images' [K, H, W, 3] and 'texts' ['', 'This is a dax.', ...].
+  """
+  def op(example):
+    rng = _rng(example, "name_episode")
+    images = [*_get(example, "support_images"), *_get(example, "query_images")]
+    shapes = np.concatenate([_get(example, "support_shapes"), _get(example, "query_shapes")])
+    if num_shots > len(images):
+      raise ValueError(f"name_episode: num_shots={num_shots} exceeds the episode's "
+                       f"{len(images)} images.")
+    classes = sorted(set(shapes.tolist()))
+    names = dict(zip(classes, shapes_fewshot.nonsense_names(rng, len(classes))))
+    pick = rng.choice(len(images), num_shots, replace=False)
+    return {**example, "images": np.stack([images[i] for i in pick]),
+            "texts": [""] + [shapes_fewshot.NAME_TEMPLATE.format(names[shapes[i]]) for i in pick]}
+  return op
+
+
 def _media(value: Any, key: str, rank: int) -> np.ndarray:
   """A media field as an array of `rank` (3: image, 4: images or video), or a clear error."""
   if isinstance(value, (list, tuple)) and len({np.shape(v) for v in value}) > 1:
@@ -287,6 +311,34 @@ def _parse(spec: str) -> tuple[str, list[Any], dict[str, Any]]:
             {k.arg: ast.literal_eval(k.value) for k in call.keywords})
   except (SyntaxError, ValueError) as e:
     raise ValueError(f"pp op {spec!r} is not of the form name or name(literal args...).") from e
+
+
+def output_shapes(spec: str) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+  """{field: (shape, dtype)} of one example that `spec` makes, read from its arguments alone.
+
+  For ahead-of-time compilation (no data, no tokenizer): H = W from resize_pad, T from
+  sample_frames (else 1), N and L from the tokenising op.
+  """
+  args = {}
+  for op_spec in spec.split("|"):
+    name, op_args, kwargs = _parse(op_spec)
+    if name not in _OPS:
+      raise ValueError(f"unknown pp op {name!r} in {spec!r}; known ops: {sorted(_OPS)}.")
+    params = inspect.signature(_OPS[name]).parameters
+    bound = inspect.signature(_OPS[name]).bind(
+        *(([None] if "tokenizer" in params else []) + op_args), **kwargs)
+    bound.apply_defaults()
+    args[name] = bound.arguments
+  tokenize = [n for n in ("tokenize_pair", "tokenize_video", "tokenize_document") if n in args]
+  if "resize_pad" not in args or len(tokenize) != 1:
+    raise ValueError(f"pp {spec!r}: fixed shapes need resize_pad and one tokenize_* op.")
+  size, length = args["resize_pad"]["size"], args[tokenize[0]]["max_len"]
+  media = args.get("tokenize_document", {}).get("max_media", 1)
+  frames = args.get("sample_frames", {}).get("num_frames", 1)
+  image_dtype = np.float32 if "value_range" in args else np.uint8
+  return {"images": ((media, frames, size, size, 3), np.dtype(image_dtype)),
+          "tokens": ((length,), np.dtype(np.int32)), "media_idx": ((length,), np.dtype(np.int32)),
+          "loss_mask": ((length,), np.dtype(np.float32)), "media_mask": ((media,), np.dtype(bool))}
 
 
 def build(spec: str,

@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from flamingo_jax.models import layers
 from flamingo_jax.models import lm as lm_lib
 from flamingo_jax.models import nfnet
 from flamingo_jax.models import perceiver
@@ -54,7 +55,7 @@ class Flamingo(nn.Module):
       raise ValueError(f"images must be [B, N, T, H, W, 3]; got shape {images.shape}.")
     b, n, t, h, w, _ = images.shape
     grid = self.vision_encoder(images.reshape(b * n * t, h, w, 3), train=False)  # [BNT, h, w, C]
-    grid = jax.lax.stop_gradient(grid)
+    grid = layers.constrain_batch(jax.lax.stop_gradient(grid))
     return self.perceiver(grid.reshape(b, n, t, -1, grid.shape[-1]))  # [B, N, T, S, C] in
 
   def __call__(self, images, tokens, media_idx, features=None):

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 Dtype = Any
+BATCH_AXES = ("data", "fsdp")  # Mesh axes that split activations' batch (train/sharding.py).
 NEG_INF = -1e30  # finite, so fully masked rows give uniform weights instead of NaN.
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
@@ -30,6 +31,17 @@ def activation(name: str) -> Callable[[jax.Array], jax.Array]:
   if name not in ACTIVATIONS:
     raise ValueError(f"activation={name!r} is unknown; expected one of {sorted(ACTIVATIONS)}.")
   return ACTIVATIONS[name]
+
+
+def constrain_batch(x):
+  """Shards x's leading (batch) axis over BATCH_AXES when traced under a mesh (else a no-op).
+
+  Under FSDP the partitioner would otherwise let activations follow the weights' 'embed' sharding
+  and replicate the batch (train/trainer.py traces the update step under its mesh).
+  """
+  if jax.sharding.get_abstract_mesh().empty:
+    return x
+  return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(BATCH_AXES))
 
 
 def dense(features, axes: Sequence[str | None], *, use_bias=False, dtype=jnp.float32,

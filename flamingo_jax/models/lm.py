@@ -221,6 +221,7 @@ class DecoderLayer(nn.Module):
   @nn.compact
   def __call__(self, x, positions, key_mask=None):
     cfg = self.cfg
+    x = layers.constrain_batch(x)
     nkw = dict(eps=cfg.norm_eps, use_bias=cfg.norm_bias, dtype=jnp.dtype(cfg.dtype),
                param_dtype=jnp.dtype(cfg.param_dtype))
     a = SelfAttention(cfg, self.decode, name="attn")(
@@ -251,6 +252,7 @@ class XattnGroup(nn.Module):
   @nn.compact
   def __call__(self, x, visual, media_idx, positions, key_mask=None):
     cfg, xc = self.cfg, self.cfg.xattn
+    x = layers.constrain_batch(x)
     block = layers.remat(xattn_lib.GatedXattnDense, cfg.remat_policy, static_argnums=(4,))
     x = block(num_heads=xc.num_heads, num_latents=cfg.num_latents, head_dim=xc.head_dim,
               ffw_mult=xc.ffw_mult, activation=xc.activation,

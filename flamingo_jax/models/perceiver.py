@@ -91,7 +91,8 @@ class PerceiverResampler(nn.Module):
       x_f = layers.dense(self.dim, ("vis_embed", "embed"), **kw, name="input_proj")(x_f)
     latents = self.param("latents", init(("latents", "embed"), 1.0),
                          (self.num_latents, self.dim), self.param_dtype)
-    x = jnp.broadcast_to(latents.astype(self.dtype), (b * n, self.num_latents, self.dim))
+    x = layers.constrain_batch(
+        jnp.broadcast_to(latents.astype(self.dtype), (b * n, self.num_latents, self.dim)))
     x, _ = nn.scan(ResamplerLayer, variable_axes={"params": 0}, split_rngs={"params": True},
                    in_axes=nn.broadcast, length=self.num_layers,
                    metadata_params={nn.PARTITION_NAME: "layers"})(

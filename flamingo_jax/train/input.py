@@ -69,8 +69,8 @@ class Synthetic:
     return batches
 
 
-def make_input(config, mesh):
-  """The input named by config.input.kind ('synthetic' | 'tfds'), checked against the mesh."""
+def check_batch_sizes(config, mesh) -> None:
+  """Every dataset's global batch splits into config.microbatches data-parallel microbatches."""
   dp = sharding_lib.data_parallel_size(mesh)
   for name, cfg in config.input.datasets.items():
     per_microbatch, rest = divmod(cfg.batch_size, config.microbatches)
@@ -80,6 +80,11 @@ def make_input(config, mesh):
           f"config.microbatches={config.microbatches} microbatches each divisible by the "
           f"data-parallel size {dp} (mesh data x fsdp = {mesh.shape['data']} x "
           f"{mesh.shape['fsdp']}).")
+
+
+def make_input(config, mesh):
+  """The input named by config.input.kind ('synthetic' | 'tfds'), checked against the mesh."""
+  check_batch_sizes(config, mesh)
   if config.input.kind == "synthetic":
     return Synthetic(config.input.datasets, seed=config.seed, image_size=config.image_size,
                      vocab_size=config.model.lm.vocab_size, mesh=mesh)

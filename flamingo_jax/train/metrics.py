@@ -19,10 +19,12 @@ import numpy as np
 import tensorboardX
 import tqdm
 
+from flamingo_jax.train import flops as flops_lib
 from flamingo_jax.train import state as state_lib
 
 # Dense bf16 peak FLOP/s per device, by a substring of `device.device_kind`.
-PEAK_FLOPS = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12,
+# The first substring that matches wins: v5p reports its kind as 'TPU v5', v5e as 'TPU v5 lite'.
+PEAK_FLOPS = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5": 459e12,
               "TPU v6": 918e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 
@@ -40,11 +42,9 @@ def peak_flops(device: jax.Device) -> float:
   return 10 * 2 * 1024 ** 3 / (time.perf_counter() - start)
 
 
-def step_flops(compiled) -> float:
-  """FLOPs of one compiled update step on one device (XLA's count for the partitioned program)."""
-  analysis = compiled.cost_analysis()
-  analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
-  return float((analysis or {}).get("flops", 0.0))
+def step_flops(fn, *args, num_devices: int) -> float:
+  """Model FLOPs of one step `fn(*args)` per device, counted on its jaxpr (train/flops.py)."""
+  return flops_lib.step_flops(fn, *args) / num_devices
 
 
 def gate_values(trainable: Any, xattn_layers: list[int]) -> dict[str, float]:

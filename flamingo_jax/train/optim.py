@@ -68,8 +68,13 @@ def make_optimizer(config, rules: Mapping[str, Any]) -> tuple[optax.GradientTran
       {p: not (no_decay and no_decay.search(p)) for p in trainable})
 
   o = config.optim
+  agc = optax.identity()
+  if o.agc:  # Adaptive gradient clipping of the parameters matching optim.agc_params ('' = all).
+    agc_params = re.compile(o.get("agc_params", ""))
+    agc = optax.masked(optax.adaptive_grad_clip(o.agc),
+                       state_lib.unflat({p: bool(agc_params.search(p)) for p in trainable}))
   tx = optax.chain(
-      optax.adaptive_grad_clip(o.agc) if o.agc else optax.identity(),
+      agc,
       optax.clip_by_global_norm(o.grad_clip) if o.grad_clip else optax.identity(),
       optax.scale_by_adam(b1=o.b1, b2=o.b2, eps=o.eps),
       optax.add_decayed_weights(o.weight_decay, decay_mask),

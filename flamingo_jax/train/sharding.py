@@ -12,8 +12,10 @@ import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 import numpy as np
 
+from flamingo_jax.models import layers
+
 MESH_AXES = ("data", "fsdp", "model")
-BATCH_AXES = ("data", "fsdp")  # Activations: the batch axis is split over data and FSDP.
+BATCH_AXES = layers.BATCH_AXES  # Activations: the batch axis is split over data and FSDP.
 
 
 def mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...]:
@@ -28,14 +30,16 @@ def mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...]:
       raise ValueError(f"config.mesh={shape}: {known} does not divide the {num_devices} devices.")
     shape = tuple(num_devices // known if s == -1 else s for s in shape)
   if np.prod(shape) != num_devices:
-    raise ValueError(f"config.mesh={shape} has {np.prod(shape)} devices; there are {num_devices} "
-                     f"({jax.devices()[0].platform}). Use -1 on one axis to fill.")
+    raise ValueError(f"config.mesh={shape} has {np.prod(shape)} devices; there are {num_devices}. "
+                     "Use -1 on one axis to fill.")
   return shape
 
 
-def make_mesh(shape: Sequence[int]) -> Mesh:
-  shape = mesh_shape(shape, jax.device_count())
-  return Mesh(np.asarray(jax.devices()).reshape(shape), MESH_AXES)
+def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """The mesh over `devices` (default: all devices; AOT compilation passes a TPU topology's)."""
+  devices = jax.devices() if devices is None else devices
+  shape = mesh_shape(shape, len(devices))
+  return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
 
 
 def data_parallel_size(mesh: Mesh) -> int:

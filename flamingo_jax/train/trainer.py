@@ -1,75 +1,79 @@
 """The training loop (paper §3 / App. B.1.2), read top to bottom like big_vision's train.py.
 
-logging → mesh → input → model & optimizer → shard & init → update step → checkpoint → loop.
+logging → mesh → input → model, optimizer & step (`make_setup`, shared with AOT compilation in
+aot.py) → init → checkpoint → update step → loop.
 
-One update: for every dataset of the mixture, the mean next-token NLL over its target tokens and its
-gradient (summed over `config.microbatches`), weighted by λ and accumulated; then one optimizer step
-('accumulate', the paper's choice). `mixture_mode='round_robin'` (the paper's ablation) uses one
-dataset per step in turn. Gradients are taken only w.r.t. the trainable subtree.
+What is trained is selected by `config.model_name` ('flamingo' | 'lm' | 'contrastive', default
+'flamingo'): a module of flamingo_jax/train/kinds/ gives the model, its loss and its backbones.
+
+One update: for every dataset of the mixture, its loss (e.g. the mean next-token NLL over its target
+tokens) and its gradient (summed over `config.microbatches`), weighted by λ and accumulated; then one
+optimizer step ('accumulate', the paper's choice). `mixture_mode='round_robin'` (the paper's
+ablation) uses one dataset per step in turn. Gradients are taken only w.r.t. the trainable subtree.
 """
 import signal
 import time
+from typing import Any, Callable, NamedTuple
 
 from absl import logging
 from etils import epath
 import flax.linen as nn
 import jax
 from jax.experimental import multihost_utils
+from jax.sharding import Mesh
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from flamingo_jax.models import flamingo
-from flamingo_jax.models import lm as lm_lib
 from flamingo_jax.train import checkpoint as ckpt_lib
 from flamingo_jax.train import input as input_lib
+from flamingo_jax.train import kinds
 from flamingo_jax.train import metrics as metrics_lib
 from flamingo_jax.train import optim
 from flamingo_jax.train import sharding as sharding_lib
 from flamingo_jax.train import state as state_lib
-
-BACKBONES = (("vision_init", "vision/"), ("lm_init", "lm/"))  # Frozen parts with their own ckpts.
-
-
-def next_token_nll(logits, tokens, loss_mask):
-  """Sum of -log p(tokens[:, t] | logits[:, t-1]) weighted by loss_mask[:, t]. [B, L, V] -> []."""
-  logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32))
-  nll = -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]  # [B, L-1]
-  return jnp.sum(nll * loss_mask[:, 1:])
+from flamingo_jax.train.kinds import flamingo as flamingo_kind
 
 
 def make_update_step(apply_fn, tx: optax.GradientTransformation, weights: dict[str, float],
-                     microbatches: int):
+                     microbatches: int, loss_fn=flamingo_kind.loss):
   """(train_state, frozen, {name: batch}) -> (train_state, metrics); see the module docstring.
 
-  apply_fn(params, batch) -> logits [B, L, V]; gradients flow only into train_state['params'].
+  apply_fn(params, batch) -> outputs; loss_fn(outputs, batch) -> (loss sum, weight, metrics) (see
+  kinds/__init__.py); gradients flow only into train_state['params'].
   """
 
   def dataset_loss_and_grad(params, frozen, batch):
-    """Mean NLL over the batch's target tokens and its gradient, summed over microbatches."""
-    num_targets = jnp.maximum(jnp.sum(batch["loss_mask"][:, 1:]), 1.0)
+    """sum(loss sum) / sum(weight) over microbatches, its gradient and the mean metrics."""
 
-    def loss_fn(p, mb):
-      logits = apply_fn(state_lib.merge(p, frozen), mb)
-      return next_token_nll(logits, mb["tokens"], mb["loss_mask"]) / num_targets
+    def loss_and_aux(p, mb):
+      total, weight, metrics = loss_fn(apply_fn(state_lib.merge(p, frozen), mb), mb)
+      return total, (weight, metrics)
 
+    value_and_grad = jax.value_and_grad(loss_and_aux, has_aux=True)
     if microbatches == 1:
-      return jax.value_and_grad(loss_fn)(params, batch)
-    # [B, ...] -> [k, B/k, ...] taking every k-th example, so each device keeps its own examples.
-    k = microbatches
-    mbs = jax.tree.map(lambda x: x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1), batch)
-    zeros = (jnp.zeros(()), jax.tree.map(jnp.zeros_like, params))
-    acc = lambda carry, mb: (jax.tree.map(jnp.add, carry, jax.value_and_grad(loss_fn)(params, mb)),
-                             None)
-    return jax.lax.scan(acc, zeros, mbs)[0]
+      (total, (weight, metrics)), grads = value_and_grad(params, batch)
+    else:
+      # [B, ...] -> [k, B/k, ...] taking every k-th example, so each device keeps its own examples.
+      k = microbatches
+      mbs = jax.tree.map(lambda x: x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1),
+                         batch)
+      zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(value_and_grad, params,
+                                                          jax.tree.map(lambda x: x[0], mbs)))
+      acc = lambda carry, mb: (jax.tree.map(jnp.add, carry, value_and_grad(params, mb)), None)
+      (total, (weight, metrics)), grads = jax.lax.scan(acc, zeros, mbs)[0]
+      metrics = jax.tree.map(lambda m: m / k, metrics)
+    weight = jnp.maximum(weight, 1.0)
+    return total / weight, jax.tree.map(lambda g: g / weight, grads), metrics
 
   def update_step(train_state, frozen, batches):
     params = train_state["params"]
     measured, loss = {}, 0.0
     grads = jax.tree.map(jnp.zeros_like, params)
     for name, batch in batches.items():
-      value, g = dataset_loss_and_grad(params, frozen, batch)
+      value, g, metrics = dataset_loss_and_grad(params, frozen, batch)
       measured[f"loss/{name}"] = value
+      measured.update({f"{name}/{k}": v for k, v in metrics.items()})
       loss += weights[name] * value
       grads = jax.tree.map(lambda a, b, w=weights[name]: a + w * b, grads, g)
     updates, opt_state = tx.update(grads, train_state["opt_state"], params)
@@ -81,6 +85,65 @@ def make_update_step(apply_fn, tx: optax.GradientTransformation, weights: dict[s
             "opt_state": opt_state}, measured
 
   return update_step
+
+
+class Setup(NamedTuple):
+  """What training and AOT compilation (aot.py) share, built from abstract shapes only."""
+  init: Callable  # rng -> (trainable, frozen), frozen cast to config.frozen_dtype.
+  tx: optax.GradientTransformation
+  schedules: dict[str, optax.Schedule]  # Learning rate per parameter group.
+  state_sh: dict  # Shardings of the train state {'step', 'rng', 'params', 'opt_state'}...
+  frozen_sh: dict  # ... and of the frozen parameters.
+  abstract_state: dict  # Their ShapeDtypeStructs, with those shardings.
+  abstract_frozen: dict
+  update: Any  # jitted (train_state, frozen, {name: batch}) -> (train_state, metrics); donates 0.
+
+
+def make_setup(config, model: nn.Module, mesh: Mesh, weights: dict[str, float]) -> Setup:
+  """The parameter groups, optimizer, shardings and jitted update step of `config` on `mesh`."""
+  kind = kinds.get(config.model_name)
+  # ----------------------------------------------------------------------- model & optimizer
+  init_params = lambda rng: model.init(  # Parameter shapes do not depend on B, N, T or L.
+      rng, *kind.init_inputs(config))["params"]
+  boxed = jax.eval_shape(init_params, jax.random.PRNGKey(0))
+  rules = optim.param_rules(nn.unbox(boxed), config.schedule)
+  is_trainable = optim.trainable_paths(rules).__contains__
+  tx, schedules = optim.make_optimizer(config, rules)
+
+  # ----------------------------------------------------------------------- shard
+  shardings = sharding_lib.param_shardings(boxed, mesh, config.sharding_rules)
+  train_sh, frozen_sh = state_lib.split(shardings, is_trainable)
+  frozen_dtype = jnp.dtype(config.frozen_dtype) if config.get("frozen_dtype") else None
+  cast = lambda x: x.astype(frozen_dtype) if frozen_dtype and jnp.issubdtype(
+      x.dtype, jnp.floating) else x
+
+  def init(rng):
+    trainable, frozen = state_lib.split(nn.unbox(init_params(rng)), is_trainable)
+    return trainable, jax.tree.map(cast, frozen)
+
+  abstract_train, abstract_frozen = jax.eval_shape(init, jax.random.PRNGKey(0))
+  abstract_opt = jax.eval_shape(tx.init, abstract_train)
+  repl = sharding_lib.replicated(mesh)
+  state_sh = {"step": repl, "rng": repl, "params": train_sh,
+              "opt_state": optax.tree_map_params(tx, lambda _, s: s, abstract_opt, train_sh,
+                                                 transform_non_params=lambda _: repl)}
+  with_sharding = lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)
+  abstract_state = jax.tree.map(
+      with_sharding,
+      {"step": jax.ShapeDtypeStruct((), jnp.int32), "rng": jax.ShapeDtypeStruct((2,), jnp.uint32),
+       "params": abstract_train, "opt_state": abstract_opt}, state_sh)
+
+  # ----------------------------------------------------------------------- update step
+  def apply_fn(params, batch):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):  # For layers.constrain_batch.
+      return kind.apply(model, params, batch)
+
+  update = jax.jit(
+      make_update_step(apply_fn, tx, weights, config.microbatches, kind.loss),
+      in_shardings=(state_sh, frozen_sh, sharding_lib.batch_sharding(mesh)),
+      out_shardings=(state_sh, repl), donate_argnums=0)
+  return Setup(init, tx, schedules, state_sh, frozen_sh, abstract_state,
+               jax.tree.map(with_sharding, abstract_frozen, frozen_sh), update)
 
 
 class _Sigterm:
@@ -121,57 +184,23 @@ def train(config, workdir: str) -> tuple[dict, dict, dict]:
   logging.info("Mesh %s.", dict(mesh.shape))
 
   # ----------------------------------------------------------------------- input
-  model = flamingo.from_config(config.model)  # First: raises on bad sizes (e.g. heads vs width).
+  kind = kinds.get(config.model_name)
+  model = kind.model(config)  # First: raises on bad sizes or missing backbone checkpoints.
   if config.mixture_mode not in ("accumulate", "round_robin"):
     raise ValueError(f"config.mixture_mode={config.mixture_mode!r}; expected 'accumulate' or "
                      "'round_robin'.")
-  for field, _ in BACKBONES:
-    if config.get(field) and not epath.Path(config[field]).exists():
-      raise FileNotFoundError(f"config.{field}={config[field]!r}: no checkpoint there.")
   data = input_lib.make_input(config, mesh)
   names = list(data.weights)
 
-  # ----------------------------------------------------------------------- model & optimizer
-  init_params = lambda rng: model.init(  # Parameter shapes do not depend on B, N, T or L.
-      rng, jnp.zeros((1, 1, 1, config.image_size, config.image_size, 3)),
-      jnp.zeros((1, 8), jnp.int32), jnp.ones((1, 8), jnp.int32))["params"]
-  boxed = jax.eval_shape(init_params, jax.random.PRNGKey(0))
-  rules = optim.param_rules(nn.unbox(boxed), config.schedule)
-  is_trainable = optim.trainable_paths(rules).__contains__
-  tx, schedules = optim.make_optimizer(config, rules)
+  # ----------------------------------------------------------------------- model, optimizer, step
+  setup = make_setup(config, model, mesh, data.weights)
+  tx, state_sh, frozen_sh, abstract_state = (setup.tx, setup.state_sh, setup.frozen_sh,
+                                             setup.abstract_state)
 
-  # ----------------------------------------------------------------------- shard & init
-  shardings = sharding_lib.param_shardings(boxed, mesh, config.sharding_rules)
-  train_sh, frozen_sh = state_lib.split(shardings, is_trainable)
-  frozen_dtype = jnp.dtype(config.frozen_dtype) if config.get("frozen_dtype") else None
-  cast = lambda x: x.astype(frozen_dtype) if frozen_dtype and jnp.issubdtype(
-      x.dtype, jnp.floating) else x
-
-  def init_all(rng):
-    trainable, frozen = state_lib.split(nn.unbox(init_params(rng)), is_trainable)
-    return trainable, jax.tree.map(cast, frozen)
-
-  abstract_train, _ = jax.eval_shape(init_all, jax.random.PRNGKey(0))
-  abstract_opt = jax.eval_shape(tx.init, abstract_train)
-  repl = sharding_lib.replicated(mesh)
-  state_sh = {"step": repl, "rng": repl, "params": train_sh,
-              "opt_state": optax.tree_map_params(tx, lambda _, s: s, abstract_opt, train_sh,
-                                                 transform_non_params=lambda _: repl)}
-  abstract_state = jax.tree.map(
-      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-      {"step": jax.ShapeDtypeStruct((), jnp.int32), "rng": jax.ShapeDtypeStruct((2,), jnp.uint32),
-       "params": abstract_train, "opt_state": abstract_opt}, state_sh)
-
+  # ----------------------------------------------------------------------- init
   rng = jax.random.PRNGKey(config.seed)
-  trainable, frozen = jax.jit(init_all, out_shardings=(train_sh, frozen_sh))(rng)
-  for field, prefix in BACKBONES:  # Frozen backbones from their own checkpoints.
-    if config.get(field):
-      part = state_lib.subtree(frozen, [prefix])
-      abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                              part)
-      frozen = state_lib.merge(frozen, ckpt_lib.load_params(config[field], abstract))
-    else:
-      logging.warning("config.%s is not set: %s* is randomly initialised.", field, prefix)
+  trainable, frozen = jax.jit(setup.init, out_shardings=(state_sh["params"], frozen_sh))(rng)
+  trainable, frozen = kind.load_backbones(config, trainable, frozen)  # From their own checkpoints.
 
   # ----------------------------------------------------------------------- checkpoint (resume)
   manager = ckpt_lib.make_manager(workdir, config)
@@ -189,28 +218,25 @@ def train(config, workdir: str) -> tuple[dict, dict, dict]:
   first_step = int(jax.device_get(train_state["step"]))
 
   # ----------------------------------------------------------------------- update step
-  apply_fn = lambda params, b: model.apply({"params": params}, b["images"], b["tokens"],
-                                           b["media_idx"])
-  update_step = make_update_step(apply_fn, tx, data.weights, config.microbatches)
-  update_jit = jax.jit(
-      update_step, in_shardings=(state_sh, frozen_sh, sharding_lib.batch_sharding(mesh)),
-      out_shardings=(state_sh, repl), donate_argnums=0)
   compiled = {}  # Dataset names -> the compiled step ('round_robin' has one per dataset).
   compile_seconds = {}
+  flops_per_device = {}  # Model FLOPs of each compiled step (jaxpr count, remat excluded).
 
   def step_fn(train_state, batches):
     key = tuple(batches)
     if key not in compiled:
       logging.info("Compiling the update step for %s; this might take a few minutes...", key)
       start = time.perf_counter()
-      compiled[key] = update_jit.lower(train_state, frozen, batches).compile()
+      compiled[key] = setup.update.lower(train_state, frozen, batches).compile()
       compile_seconds[key] = time.perf_counter() - start
+      flops_per_device[key] = metrics_lib.step_flops(setup.update, train_state, frozen, batches,
+                                                     num_devices=jax.device_count())
     return compiled[key](train_state, frozen, batches)
 
   # ----------------------------------------------------------------------- loop
   sigterm = _Sigterm()
   writer = metrics_lib.Writer(workdir, config.total_steps, first_step)
-  xattn_layers = lm_lib.xattn_layer_indices(flamingo.lm_config(config.model))
+  xattn_layers = kind.gate_layers(config)
   peak = metrics_lib.peak_flops(jax.devices()[0])
   pending, last = None, {}
 
@@ -223,10 +249,10 @@ def train(config, workdir: str) -> tuple[dict, dict, dict]:
     if step % config.log_every and step != config.total_steps:
       return
     rate = writer.steps_per_second(step)
-    flops = sum(metrics_lib.step_flops(c) for c in compiled.values()) / len(compiled)
+    flops = sum(flops_per_device.values()) / len(flops_per_device)
     last = {**measured, **metrics_lib.gate_values(train_state["params"], xattn_layers),
-            **{f"lr/{g}": s(step - 1) for g, s in schedules.items()},
-            "lr": schedules["group0"](step - 1), "steps_per_s": rate,
+            **{f"lr/{g}": s(step - 1) for g, s in setup.schedules.items()},
+            "lr": setup.schedules["group0"](step - 1), "steps_per_s": rate,
             "examples_per_s": rate * examples, "tokens_per_s": rate * tokens,
             "tflops_per_device": rate * flops / 1e12, "mfu": rate * flops / peak,
             **{f"compile_s/{'+'.join(k)}": v for k, v in compile_seconds.items()}}

@@ -1,0 +1,86 @@
+"""The demo's stage 3: Flamingo from the frozen stage-1 NFNet and stage-2 LM, on the embedded data.
+
+Everything (tokenizer, three stages, few-shot evaluation, workdir/report.md) in one command:
+  bash scripts/demo.sh                     # = python -m flamingo_jax.demo --workdir=workdir
+Stage 3 alone, after stages 1-2 (configs/nfnet_contrastive.py, configs/lm_pretrain.py):
+  python launch.py --config=configs/demo.py --workdir=workdir/stage3 \
+    --config.input.tokenizer=workdir/tokenizer.model \
+    --config.vision_init=workdir/stage1/vision --config.lm_init=workdir/stage2/lm
+  python launch.py --config=configs/demo.py --workdir=workdir/stage3 --mode=eval ...(same flags)
+`configs/demo.py:short` is the end-to-end test's shortened run (fewer steps and queries).
+
+The sizes of all three stages live here, so the stages' checkpoints fit each other. Training mixes
+the paper's datasets (interleaved documents, pairs, video with their λ) with name-episode documents
+(`name_episode` pp op on shapes_fewshot/names TRAIN episodes, fresh made-up names per document), so
+binding names to shapes in context is learnable; evaluation uses the TEST episodes.
+"""
+import ml_collections
+
+from configs import common
+
+VOCAB_SIZE = 512  # SentencePiece pieces trained on data.datasets.text_corpus() (flamingo_jax/demo.py).
+IMAGE_SIZE = 32
+IMG_PP = f"decode|resize_pad({IMAGE_SIZE})|value_range(-1, 1)"
+
+
+def vision() -> dict:
+  """A tiny NFNet (1x1 feature grid at 32 px), shared by stage 1 and stage 3."""
+  return dict(variant="F0", depths=(1, 1, 1, 1), channels=(16, 32, 64, 96), stem_chs=16,
+              group_size=8, num_features=128)
+
+
+def lm(xattn: bool) -> dict:
+  """The decoder of stage 2 (plain) and stage 3 (with gated xattn before every layer)."""
+  cfg = dict(vocab_size=VOCAB_SIZE, num_new_tokens=2, dim=128, num_layers=4, num_heads=4,
+             mlp_dim=512, norm="rmsnorm", position="rotary", activation="gelu",
+             tied_embeddings=False, max_len=192)
+  if xattn:
+    cfg["xattn"] = dict(every=1, num_heads=4, head_dim=32, ffw_mult=2, activation="sqrelu")
+  return cfg
+
+
+def training(total_steps: int, lr: float, short: bool) -> ml_collections.ConfigDict:
+  """The demo's training fields: CPU-sized, warmup then cosine, few checkpoints, frequent logs."""
+  config = common.training(total_steps=total_steps)
+  config.lr = lr
+  config.lr_schedule = dict(warmup_steps=max(total_steps // 10, 1), decay_type="cosine",
+                            end_lr_frac=0.1)
+  config.mesh = (-1, 1, 1)
+  config.ckpt_every = total_steps
+  config.keep_last = 1
+  config.log_every = 5 if short else 10
+  return config
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  short = arg == "short"
+  config = training(total_steps=120 if short else 400, lr=1e-3, short=short)
+  config.model = ml_collections.ConfigDict(dict(
+      vision=vision(),
+      resampler=dict(dim=64, num_layers=2, num_heads=4, head_dim=16, num_latents=8, max_frames=8,
+                     ffw_mult=2, activation="sqrelu"),
+      lm=lm(xattn=True), dtype="float32", param_dtype="float32", remat_policy="none"))
+  config.image_size = IMAGE_SIZE
+  config.optim.no_decay = r"^resampler/|_gate$"
+  # The tanh gates start at 0; at this scale they need a larger step to open within the run.
+  config.schedule = [(r"^lm/.*xattn/.*_gate$", {"lr": 1e-2}), *common.FLAMINGO_SCHEDULE]
+  config.input = ml_collections.ConfigDict(dict(
+      kind="tfds", tokenizer="", num_workers=2,
+      datasets=dict(
+          names=dict(tfds_name="shapes_fewshot/names", split="train", batch_size=16, weight=1.0,
+                     cache=True,  # 20 episodes of 40 images: decode them once.
+                     pp=f"name_episode(8)|{IMG_PP}|tokenize_document(max_len=80, max_media=8)"),
+          m3w=dict(tfds_name="shapes_interleaved", split="train", batch_size=8, weight=1.0,
+                   pp=f"{IMG_PP}|tokenize_document(max_len=96, max_media=5)"),
+          pairs=dict(tfds_name="shapes_pairs", split="train", batch_size=16, weight=0.2,
+                     pp=f"{IMG_PP}|tokenize_pair(max_len=32)"),
+          vtp=dict(tfds_name="shapes_video", split="train", batch_size=4, weight=0.03,
+                   pp=f"sample_frames(8)|{IMG_PP}|tokenize_video(max_len=32)"),
+      ),
+  ))
+  config.eval = ml_collections.ConfigDict(dict(
+      tasks=("names", "vqa", "captioning"), shots=(0, 4, 8),
+      num_episodes=16 if short else 50,  # names: TEST episodes (8 queries each).
+      num_queries=8 if short else 48,  # vqa, captioning: TEST queries.
+      beam_size=1 if short else 3, max_new_tokens=16))
+  return config

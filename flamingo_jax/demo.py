@@ -1,0 +1,123 @@
+"""The demo: the project's main job end to end on the embedded dataset (README quick start).
+
+  python -m flamingo_jax.demo --workdir=workdir [--short]     (scripts/demo.sh runs this)
+
+tokenizer (SentencePiece on data.datasets.text_corpus()) → stage 1: contrastive NFNet + text tower
+(configs/nfnet_contrastive.py), zero-shot retrieval, `{'vision': ...}` → stage 2: LM pretraining
+(configs/lm_pretrain.py), `{'lm': ...}` in stage 3's layout → stage 3: Flamingo with both frozen
+(configs/demo.py) → few-shot evaluation → workdir/report.md. All stages use the same trainer; each
+stage's workdir holds its checkpoints and metrics, so re-running resumes. `--short` is the
+end-to-end test's run (`:short` configs).
+"""
+import dataclasses
+import json
+import logging as std_logging
+import os
+import time
+
+from absl import app
+from absl import flags
+from absl import logging
+from etils import epath
+import jax
+
+from configs import demo as demo_config
+from configs import lm_pretrain
+from configs import nfnet_contrastive
+from flamingo_jax.data import datasets
+from flamingo_jax.data import tokenizer as tokenizer_lib
+from flamingo_jax.eval import evaluate
+from flamingo_jax.eval import report
+from flamingo_jax.models import flamingo
+from flamingo_jax.models import lm as lm_lib
+from flamingo_jax.train import checkpoint as ckpt_lib
+from flamingo_jax.train import optim
+from flamingo_jax.train import state as state_lib
+from flamingo_jax.train import trainer
+
+_WORKDIR = flags.DEFINE_string("workdir", "workdir", "Everything the demo writes goes here.")
+_SHORT = flags.DEFINE_bool("short", False, "The shortened run of the end-to-end test.")
+
+
+def lm_backbone(lm_params: dict, config) -> dict:
+  """Stage 2's plain LM -> `{'lm': ...}`: the parameters that stage 3 (`config`) keeps frozen, in its
+  layer layout (`lm.split_layers` / `join_layers`); trainable ones (new rows) are left out."""
+  xcfg = flamingo.lm_config(config.model)
+  layers, _ = lm_lib.split_layers(lm_params, dataclasses.replace(xcfg, xattn=None))
+  blocks = [{}] * len(lm_lib.xattn_layer_indices(xcfg))  # No xattn parameters: they are new.
+  tree = {"lm": {**{k: v for k, v in lm_params.items() if k != "layers"},
+                 **lm_lib.join_layers(layers, blocks, xcfg)}}
+  rules = optim.param_rules(tree, config.schedule)
+  return state_lib.unflat({p: x for p, x in state_lib.flat(tree).items() if rules[p] is None})
+
+
+def _stage(title: str, config, workdir: str, seconds: dict) -> dict:
+  """Trains `config` in `workdir` (resuming) and returns its trainable parameters."""
+  logging.info("===== %s: %d steps in %s =====", title, config.total_steps, workdir)
+  start = time.perf_counter()
+  state, _, _ = trainer.train(config, workdir)
+  seconds[title] = time.perf_counter() - start
+  return state["params"]
+
+
+def run(workdir: str, short: bool = False) -> str:
+  """Runs every step of the demo into `workdir`; returns the report's path."""
+  arg = "short" if short else None
+  os.makedirs(workdir, exist_ok=True)
+  seconds = {}
+  start = time.perf_counter()
+  tokenizer_path = os.path.join(workdir, "tokenizer.model")
+  tokenizer = tokenizer_lib.train_sentencepiece(datasets.text_corpus(), demo_config.VOCAB_SIZE,
+                                                tokenizer_path)
+  if tokenizer.vocab_size != demo_config.VOCAB_SIZE:
+    raise ValueError(f"The tokenizer has {tokenizer.vocab_size} pieces; configs/demo.py expects "
+                     f"VOCAB_SIZE={demo_config.VOCAB_SIZE}.")
+  seconds["tokenizer"] = time.perf_counter() - start
+  dirs = {t: os.path.join(workdir, d) for t, d in (("stage 1: contrastive", "stage1"),
+                                                    ("stage 2: LM", "stage2"),
+                                                    ("stage 3: Flamingo", "stage3"))}
+  vision_init, lm_init = (os.path.join(workdir, "stage1", "vision"),
+                          os.path.join(workdir, "stage2", "lm"))
+
+  c1 = nfnet_contrastive.get_config(arg)
+  c1.input.tokenizer = tokenizer_path
+  params = _stage("stage 1: contrastive", c1, dirs["stage 1: contrastive"], seconds)
+  if not epath.Path(vision_init).exists():
+    ckpt_lib.save_params(os.path.abspath(vision_init), {"vision": params["vision"]})
+  retrieval = evaluate.evaluate(c1, dirs["stage 1: contrastive"])["retrieval"]
+  logging.info("Stage 1 zero-shot retrieval: %s", retrieval)
+
+  c3 = demo_config.get_config(arg)
+  c2 = lm_pretrain.get_config(arg)
+  c2.input.tokenizer = tokenizer_path
+  params = _stage("stage 2: LM", c2, dirs["stage 2: LM"], seconds)
+  if not epath.Path(lm_init).exists():
+    ckpt_lib.save_params(os.path.abspath(lm_init), lm_backbone(params, c3))
+
+  c3.input.tokenizer, c3.vision_init, c3.lm_init = tokenizer_path, vision_init, lm_init
+  _stage("stage 3: Flamingo", c3, dirs["stage 3: Flamingo"], seconds)
+  start = time.perf_counter()
+  fewshot = evaluate.evaluate(c3, dirs["stage 3: Flamingo"])
+  seconds["few-shot evaluation"] = time.perf_counter() - start
+  logging.info("Few-shot results: %s", json.dumps(fewshot))
+  path = report.write(workdir, dirs, retrieval, fewshot, seconds)
+  logging.info("Wrote %s (%.0f s in all).", path, sum(seconds.values()))
+  return path
+
+
+class _OwnLogs(std_logging.Filter):
+  """Keeps the progress readable: INFO lines from flamingo_jax only (orbax logs every save)."""
+
+  def filter(self, record):
+    return record.levelno >= std_logging.WARNING or f"{os.sep}flamingo_jax{os.sep}" in record.pathname
+
+
+def main(argv):
+  del argv
+  logging.get_absl_handler().addFilter(_OwnLogs())
+  logging.info("JAX devices: %s", jax.devices())
+  print(run(_WORKDIR.value, _SHORT.value))
+
+
+if __name__ == "__main__":
+  app.run(main)
