@@ -74,7 +74,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                    pp=f"{IMG_PP}|tokenize_document(max_len=96, max_media=5)"),
           pairs=dict(tfds_name="shapes_pairs", split="train", batch_size=16, weight=0.2,
                      pp=f"{IMG_PP}|tokenize_pair(max_len=32)"),
-          vtp=dict(tfds_name="shapes_video", split="train", batch_size=4, weight=0.03,
+          # Batches must split over the data-parallel devices: the test process has 8 (conftest).
+          vtp=dict(tfds_name="shapes_video", split="train", batch_size=8 if short else 4,
+                   weight=0.03,
                    pp=f"sample_frames(8)|{IMG_PP}|tokenize_video(max_len=32)"),
       ),
   ))
