@@ -25,6 +25,7 @@ setuptools.setup(
         "pillow>=11.0",
         "matplotlib>=3.9",
         "tensorboardX>=2.6",
+        "tqdm>=4.66",  # Progress bar on a terminal (train/metrics.py).
         "array_record>=0.8.6",  # Random access to prepared TFDS datasets (resumable iteration).
         # tensorflow-datasets imports it while preparing builders but declares it only for
         # Python < 3.9 (tensorflow/datasets#11212).
