@@ -31,7 +31,6 @@ from flamingo_jax.eval import report
 from flamingo_jax.models import flamingo
 from flamingo_jax.models import lm as lm_lib
 from flamingo_jax.train import checkpoint as ckpt_lib
-from flamingo_jax.train import optim
 from flamingo_jax.train import state as state_lib
 from flamingo_jax.train import trainer
 
@@ -40,15 +39,36 @@ _SHORT = flags.DEFINE_bool("short", False, "The shortened run of the end-to-end 
 
 
 def lm_backbone(lm_params: dict, config) -> dict:
-  """Stage 2's plain LM -> `{'lm': ...}`: the parameters that stage 3 (`config`) keeps frozen, in its
-  layer layout (`lm.split_layers` / `join_layers`); trainable ones (new rows) are left out."""
+  """Stage 2's plain LM -> `{'lm': ...}` in stage 3's (`config`) layer layout (`lm.split_layers` /
+  `join_layers`): its frozen parameters, and the new-token rows that stage 3 keeps training from
+  where stage 2 left them (train/kinds/flamingo.py `load_backbones`)."""
   xcfg = flamingo.lm_config(config.model)
   layers, _ = lm_lib.split_layers(lm_params, dataclasses.replace(xcfg, xattn=None))
   blocks = [{}] * len(lm_lib.xattn_layer_indices(xcfg))  # No xattn parameters: they are new.
   tree = {"lm": {**{k: v for k, v in lm_params.items() if k != "layers"},
                  **lm_lib.join_layers(layers, blocks, xcfg)}}
-  rules = optim.param_rules(tree, config.schedule)
-  return state_lib.unflat({p: x for p, x in state_lib.flat(tree).items() if rules[p] is None})
+  return state_lib.unflat(state_lib.flat(tree))  # Without the empty xattn subtrees.
+
+
+def backbone_paths(workdir: str) -> tuple[str, str, str]:
+  """(tokenizer, stage-1 `{'vision': ...}`, stage-2 `{'lm': ...}`) of a demo workdir."""
+  return (os.path.join(workdir, "tokenizer.model"), os.path.join(workdir, "stage1", "vision"),
+          os.path.join(workdir, "stage2", "lm"))
+
+
+def stage3(config, workdir: str, stage_dir: str, seconds: dict) -> dict:
+  """Trains `config` (configs/demo.py) in `stage_dir` on `workdir`'s tokenizer and frozen stage-1/2
+  checkpoints (a config.lm_init already set is kept), then returns its few-shot results.
+
+  experiments/sweep.py runs the paper's ablations through here.
+  """
+  config.input.tokenizer, config.vision_init, lm_init = backbone_paths(workdir)
+  config.lm_init = config.lm_init or lm_init
+  _stage("stage 3: Flamingo", config, stage_dir, seconds)
+  start = time.perf_counter()
+  fewshot = evaluate.evaluate(config, stage_dir)
+  seconds["few-shot evaluation"] = time.perf_counter() - start
+  return fewshot
 
 
 def _stage(title: str, config, workdir: str, seconds: dict) -> dict:
@@ -66,7 +86,7 @@ def run(workdir: str, short: bool = False) -> str:
   os.makedirs(workdir, exist_ok=True)
   seconds = {}
   start = time.perf_counter()
-  tokenizer_path = os.path.join(workdir, "tokenizer.model")
+  tokenizer_path, vision_init, lm_init = backbone_paths(workdir)
   tokenizer = tokenizer_lib.train_sentencepiece(datasets.text_corpus(), demo_config.VOCAB_SIZE,
                                                 tokenizer_path)
   if tokenizer.vocab_size != demo_config.VOCAB_SIZE:
@@ -76,8 +96,6 @@ def run(workdir: str, short: bool = False) -> str:
   dirs = {t: os.path.join(workdir, d) for t, d in (("stage 1: contrastive", "stage1"),
                                                     ("stage 2: LM", "stage2"),
                                                     ("stage 3: Flamingo", "stage3"))}
-  vision_init, lm_init = (os.path.join(workdir, "stage1", "vision"),
-                          os.path.join(workdir, "stage2", "lm"))
 
   c1 = nfnet_contrastive.get_config(arg)
   c1.input.tokenizer = tokenizer_path
@@ -94,11 +112,7 @@ def run(workdir: str, short: bool = False) -> str:
   if not epath.Path(lm_init).exists():
     ckpt_lib.save_params(os.path.abspath(lm_init), lm_backbone(params, c3))
 
-  c3.input.tokenizer, c3.vision_init, c3.lm_init = tokenizer_path, vision_init, lm_init
-  _stage("stage 3: Flamingo", c3, dirs["stage 3: Flamingo"], seconds)
-  start = time.perf_counter()
-  fewshot = evaluate.evaluate(c3, dirs["stage 3: Flamingo"])
-  seconds["few-shot evaluation"] = time.perf_counter() - start
+  fewshot = stage3(c3, workdir, dirs["stage 3: Flamingo"], seconds)
   logging.info("Few-shot results: %s", json.dumps(fewshot))
   path = report.write(workdir, dirs, retrieval, fewshot, seconds)
   logging.info("Wrote %s (%.0f s in all).", path, sum(seconds.values()))

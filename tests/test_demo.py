@@ -8,9 +8,18 @@ import json
 import pathlib
 import re
 
+import flax.linen as nn
+import jax
+import numpy as np
 import pytest
 
+from configs import demo as demo_config
 from flamingo_jax import demo
+from flamingo_jax.models import lm as lm_lib
+from flamingo_jax.train import checkpoint as ckpt_lib
+from flamingo_jax.train import kinds
+from flamingo_jax.train import optim
+from flamingo_jax.train import state as state_lib
 
 
 @pytest.mark.slow
@@ -28,3 +37,30 @@ def test_short_demo_writes_report(tmp_path):
   assert all(0.0 <= v <= 1.0 for v in names.values())
   gates = [json.loads(line) for line in (tmp_path / "stage3" / "metrics.jsonl").open()][-1]
   assert {"gates/attn/layer_000", "gates/ffw/layer_003"} <= set(gates)
+
+
+def test_stage3_starts_as_the_stage2_lm(tmp_path):
+  """Stage 2's LM -> lm_backbone -> stage 3's load_backbones: with gates at 0 the Flamingo logits
+  equal the plain LM's on a sequence with <image> and <EOC>, so the new-token rows are carried."""
+  config = demo_config.get_config()
+  plain_cfg = lm_lib.make_config(demo_config.lm(xattn=False))
+  vocab = plain_cfg.vocab_size
+  tokens = np.array([[1, vocab, 40, 41, 42, vocab + 1, vocab, 43, 44]], np.int32)  # <image>=V.
+  media_idx = np.cumsum(tokens == vocab, axis=1).astype(np.int32)
+  lm_params = nn.unbox(lm_lib.LM(plain_cfg).init(jax.random.PRNGKey(1), tokens))["params"]
+  lm_params["new_token_embed"] = jax.random.normal(jax.random.PRNGKey(2),
+                                                   lm_params["new_token_embed"].shape)
+  config.lm_init = str(tmp_path / "lm")
+  ckpt_lib.save_params(config.lm_init, demo.lm_backbone(lm_params, config))
+
+  kind = kinds.get("flamingo")
+  model = kind.model(config)
+  images = np.zeros((1, 2, 1, config.image_size, config.image_size, 3), np.float32)
+  params = nn.unbox(model.init(jax.random.PRNGKey(0), images, tokens, media_idx))["params"]
+  rules = optim.param_rules(params, config.schedule)
+  trainable, frozen = state_lib.split(params, lambda p: rules[p] is not None)
+  trainable, frozen = kind.load_backbones(config, trainable, frozen)
+  assert np.array_equal(trainable["lm"]["new_token_embed"], lm_params["new_token_embed"])
+  got = model.apply({"params": state_lib.merge(trainable, frozen)}, images, tokens, media_idx)
+  want = lm_lib.LM(plain_cfg).apply({"params": lm_params}, tokens)
+  np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)

@@ -44,10 +44,14 @@ def _leaves_by_path(tree: Any) -> dict[str, Any]:
           for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
+def stored_leaves(path: epath.PathLike) -> dict[str, Any]:
+  """{'a/b/c': metadata with .shape} of the checkpoint at `path`, read without loading arrays."""
+  return _leaves_by_path(ocp.StandardCheckpointer().metadata(epath.Path(path)).item_metadata.tree)
+
+
 def check_tree(path: epath.PathLike, abstract: Any) -> None:
   """Raises ShapeMismatchError naming every missing, unexpected or differently shaped leaf."""
-  stored = _leaves_by_path(
-      ocp.StandardCheckpointer().metadata(epath.Path(path)).item_metadata.tree)
+  stored = stored_leaves(path)
   wanted = _leaves_by_path(abstract)
   problems = [f"{k}: missing in the checkpoint" for k in sorted(set(wanted) - set(stored))]
   problems += [f"{k}: in the checkpoint but not in the model"

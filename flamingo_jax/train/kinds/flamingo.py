@@ -47,14 +47,24 @@ def loss(logits, batch):
 
 
 def load_backbones(config, trainable, frozen):
+  """Frozen parts from their checkpoints. Trainable leaves that a backbone checkpoint also holds
+  (stage 2's `lm/new_token_embed` rows for <image> and <EOC>) start from it, so that with gates at
+  0 the model is exactly the LM that was trained, new tokens included."""
   for field, prefix in BACKBONES:
-    if config.get(field):
-      part = state_lib.subtree(frozen, [prefix])
-      abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                              part)
-      frozen = state_lib.merge(frozen, ckpt_lib.load_params(config[field], abstract))
-    else:
+    if not config.get(field):
       logging.warning("config.%s is not set: %s* is randomly initialised.", field, prefix)
+      continue
+    stored = ckpt_lib.stored_leaves(config[field])
+    carried = {p: x for p, x in state_lib.flat(trainable).items()
+               if p.startswith(prefix) and p in stored}
+    part = state_lib.merge(state_lib.subtree(frozen, [prefix]), state_lib.unflat(carried))
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                            part)
+    loaded = state_lib.flat(ckpt_lib.load_params(config[field], abstract))
+    frozen = state_lib.merge(frozen, state_lib.unflat(
+        {p: x for p, x in loaded.items() if p not in carried}))
+    trainable = state_lib.merge(trainable, state_lib.unflat(
+        {p: x for p, x in loaded.items() if p in carried}))
   return trainable, frozen
 
 
