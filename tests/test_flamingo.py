@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from flamingo_jax.models import flamingo
 from flamingo_jax.models import lm
+from flamingo_jax.models import xattn
 from tests import model_utils
 
 
@@ -114,3 +116,50 @@ def test_bad_image_rank_is_an_error(setup):
   model, _, params, _, (_, tokens, media_idx) = setup
   with pytest.raises(ValueError, match=r"\[B, N, T, H, W, 3\]"):
     model.apply({"params": params}, jnp.zeros((2, 32, 32, 3)), tokens, media_idx)
+
+
+@pytest.mark.parametrize("field", ["gated", "only_attend_immediate"])
+def test_xattn_ablation_switches_reach_every_block(field):
+  """model.lm.xattn.<field>=False (paper Table 3 / §2.3 ablations) is what every block runs with."""
+  model, _ = model_utils.tiny_model(**{f"lm.xattn.{field}": False})
+  inputs = model_utils.random_inputs(0)
+  params = model_utils.init(model, *inputs)
+  blocks = []
+
+  def record(next_fun, args, kwargs, context):
+    if isinstance(context.module, xattn.GatedXattnDense):
+      blocks.append(context.module)
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(record):
+    model.apply({"params": params}, *inputs)
+  assert blocks and all(getattr(b, field) is False for b in blocks)
+  names = {p[-1].key for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]}
+  assert ("attn_gate" in names) == (field != "gated")
+
+
+def test_bad_xattn_switch_is_an_error():
+  with pytest.raises(ValueError, match=r"lm.xattn.gated='no'; expected True or False"):
+    model_utils.tiny_model(**{"lm.xattn.gated": "no"})
+
+
+def test_mlp_connector_replaces_the_resampler_under_the_same_name():
+  """model.resampler.kind='mlp' (paper Table 3): one visual token per image at this grid (S=1)."""
+  model, _ = model_utils.tiny_model(**{"resampler.kind": "mlp", "resampler.num_latents": 1})
+  images, tokens, media_idx = model_utils.random_inputs(0)
+  params = model_utils.set_gates(model_utils.init(model, images, tokens, media_idx), 0.8)
+  assert set(params["resampler"]) == {"input_proj", "ffw", "norm"}
+  visual = model.apply({"params": params}, images, method=model.encode_images)
+  assert visual.shape == (2, 2, 1, 32)
+  forward = jax.jit(lambda i: model.apply({"params": params}, i, tokens, media_idx))
+  noise = jax.random.normal(jax.random.PRNGKey(3), images.shape[2:])
+  moved = np.abs(np.asarray(forward(images.at[:, 1].add(noise)) - forward(images))).max(-1) > 1e-5
+  mi = np.asarray(media_idx)
+  assert not moved[mi < 2].any() and moved[mi == 2].all()
+
+
+def test_bad_resampler_kind_is_an_error():
+  _, cfg = model_utils.tiny_model()
+  cfg.resampler.kind = "transformer"
+  with pytest.raises(ValueError, match=r"model.resampler.kind='transformer'"):
+    flamingo.from_config(cfg)

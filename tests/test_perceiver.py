@@ -66,3 +66,29 @@ def test_bad_rank_is_an_error(model_and_params):
   model, params, x = model_and_params
   with pytest.raises(ValueError, match=r"\[B, N, T, S, C\]"):
     model.apply(params, x[:, 0])
+
+
+def test_mlp_connector_gives_one_token_per_spatial_feature():
+  model = perceiver.connector(dict(kind="mlp", dim=16, num_latents=S, ffw_mult=2, num_layers=6))
+  x = jax.random.normal(jax.random.PRNGKey(0), (B, N, T, S, C))
+  params = nn.unbox(model.init(jax.random.PRNGKey(1), x))
+  assert isinstance(model, perceiver.MlpConnector) and "latents" not in params["params"]
+  out = model.apply(params, x)
+  assert out.shape == (B, N, S, 16)
+  # Frames are averaged; each spatial feature maps on its own (a changed feature moves one token).
+  np.testing.assert_allclose(model.apply(params, x[:, :, ::-1]), out, rtol=1e-5, atol=1e-6)
+  moved = model.apply(params, x.at[:, :, :, 2].multiply(-1.0)) - out
+  np.testing.assert_array_equal(np.abs(np.asarray(moved)).max(axis=(0, 1, 3)) > 1e-4,
+                                np.arange(S) == 2)
+
+
+def test_mlp_connector_needs_num_latents_equal_to_spatial_features():
+  model = perceiver.connector(dict(kind="mlp", dim=16, num_latents=6))
+  with pytest.raises(ValueError, match=r"set model.resampler.num_latents=5 \(S\), not 6"):
+    model.init(jax.random.PRNGKey(1), jnp.zeros((B, N, T, S, C)))
+
+
+def test_unknown_connector_kind_is_an_error():
+  with pytest.raises(ValueError, match=r"resampler.kind='linear'; expected 'perceiver' or 'mlp'"):
+    perceiver.connector(dict(kind="linear", dim=16))
+  assert isinstance(perceiver.connector(dict(dim=16)), perceiver.PerceiverResampler)

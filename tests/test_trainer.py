@@ -101,3 +101,20 @@ def test_same_loss_on_every_mesh(reference, tmp_path, mesh):
     np.testing.assert_allclose([m[key] for m in got], [m[key] for m in ref], rtol=2e-5, err_msg=key)
   expected = {"gates/attn/layer_000", "gates/ffw/layer_002", "tokens_per_s", "mfu", "lr"}
   assert expected <= set(got[-1])
+
+
+@pytest.mark.slow
+def test_round_robin_updates_with_one_dataset_per_step_in_turn(tmp_path, tmp_path_factory):
+  """mixture_mode='round_robin' (paper Table 3's ablation): each step one dataset, cycling."""
+  cache = helpers.shared_dir(tmp_path_factory, "jax_cache")
+  helpers.run(tmp_path, "--config.mixture_mode=round_robin", "--config.total_steps=4",
+              cache_dir=cache)
+  rows = helpers.metrics(tmp_path)
+  assert [m["step"] for m in rows] == [1, 2, 3, 4]
+  used = [[k.split("/")[1] for k in m if k.startswith("loss/")] for m in rows]
+  assert all(len(u) == 1 for u in used), used
+  used = [u[0] for u in used]
+  assert used[0] != used[1] and used[:2] == used[2:] and set(used) == {"interleaved", "pairs"}
+  weights = tiny.get_config().input.datasets
+  for m, name in zip(rows, used):  # The step's loss (and gradient) is that dataset's alone.
+    np.testing.assert_allclose(m["loss"], weights[name].weight * m[f"loss/{name}"], rtol=1e-6)

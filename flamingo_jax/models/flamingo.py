@@ -1,7 +1,8 @@
 """Flamingo: frozen NFNet → Perceiver Resampler → frozen LM with gated xattn blocks (paper Fig. 3).
 
 Submodules live under stable names that parameter regexes select (checkpoints and configs depend
-on them): `vision/…` (frozen), `resampler/…` (trainable), `lm/…` (frozen), `lm/{groups,tail}/xattn/…`
+on them): `vision/…` (frozen), `resampler/…` (trainable; the Perceiver Resampler, or the MLP of
+the paper's ablation with model.resampler.kind='mlp'), `lm/…` (frozen), `lm/{groups,tail}/xattn/…`
 and `lm/new_token_embed` (trainable).
 
 Inputs (see flamingo_jax/data/interleave.py): images [B, N, T, H, W, 3], tokens [B, L],
@@ -46,7 +47,7 @@ class Flamingo(nn.Module):
   def setup(self):
     dt = dict(dtype=jnp.dtype(self.dtype), param_dtype=jnp.dtype(self.param_dtype))
     self.vision_encoder = nfnet.NFNet(**{**dt, **self.vision}, name="vision")
-    self.perceiver = perceiver.PerceiverResampler(**{**dt, **self.resampler}, name="resampler")
+    self.perceiver = perceiver.connector(self.resampler, **dt, name="resampler")
     self.language_model = lm_lib.LM(self.lm, decode=self.decode, name="lm")
 
   def encode_images(self, images):
@@ -75,6 +76,7 @@ def from_config(model_cfg: Any, decode: bool = False) -> Flamingo:
   """A Flamingo module from `config.model` (vision, resampler, lm, dtype, param_dtype, remat_policy)."""
   vision = dict(model_cfg.vision)
   variant = vision.pop("variant", "F0")
+  perceiver.connector(model_cfg.resampler)  # A bad resampler.kind fails here, not at init.
   return Flamingo(
       vision=nfnet.nfnet_config(variant, **vision), resampler=dict(model_cfg.resampler),
       lm=lm_config(model_cfg), dtype=model_cfg.get("dtype", "float32"),

@@ -32,15 +32,21 @@ from flamingo_jax.models import xattn as xattn_lib
 
 @dataclasses.dataclass(frozen=True)
 class XattnConfig:
-  every: int = 1
+  """config.model.lm.xattn. The switches are the paper's ablations (Table 3, §2.3)."""
+  every: int = 1  # A block before layer 0 and every n-th layer (Table 3: 1, 2, 4).
   placement: str = "paper"  # 'paper' | 'open_flamingo'
   num_heads: int = 8
   head_dim: int = 128
   ffw_mult: int = 4
   activation: str = "sqrelu"
-  only_attend_immediate: bool = True
+  only_attend_immediate: bool = True  # Per-image masking; False: all previous images (§2.3).
   norm_kv: bool = True
-  gated: bool = True
+  gated: bool = True  # tanh gates; False: y += xattn(y, x); y += ffw(y) ("w/o tanh gating").
+
+  def __post_init__(self):
+    for name in ("only_attend_immediate", "norm_kv", "gated"):
+      if not isinstance(getattr(self, name), bool):
+        raise ValueError(f"lm.xattn.{name}={getattr(self, name)!r}; expected True or False.")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -5,7 +5,13 @@ Maps a variable number of visual features per image/video [B, N, T, S, C] to R v
 are flattened into one set of T·S features x_f, and R learned latents x attend to concat(x_f, x):
   x += attn(q=x, kv=concat(x_f, x));  x += ffw(x)
 for L layers, then a final LayerNorm. Features are linearly projected to D first when C != D.
+
+`connector` builds the module under `resampler/` from config.model.resampler: this resampler
+(kind='perceiver', the paper's) or `MlpConnector` (kind='mlp', the "Resampler: MLP" ablation of
+the paper's Table 3).
 """
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -100,3 +106,52 @@ class PerceiverResampler(nn.Module):
                        name="layers")(x, x_f)
     x = layers.norm("layernorm", **kw, name="norm")(x)
     return x.reshape(b, n, self.num_latents, self.dim)
+
+
+class MlpConnector(nn.Module):
+  """The ablation's connector: no latents, no attention, one visual token per spatial feature.
+
+  [B, N, T, S, C] -> [B, N, S, D]: frames are averaged (an MLP cannot map a variable number of
+  frames to a fixed number of tokens), then Dense(D) → residual FFW → LayerNorm on each feature.
+  The xattn blocks need a fixed R per image, so num_latents must equal S.
+  """
+  dim: int = 1536
+  num_latents: int = 64
+  ffw_mult: int = 4
+  activation: str = "sqrelu"
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, features):
+    if features.ndim != 5:
+      raise ValueError(f"resampler input must be [B, N, T, S, C]; got shape {features.shape}.")
+    if features.shape[3] != self.num_latents:
+      raise ValueError(f"resampler.kind='mlp' gives one visual token per spatial feature: set "
+                       f"model.resampler.num_latents={features.shape[3]} (S), not "
+                       f"{self.num_latents}.")
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    x = features.astype(self.dtype).mean(axis=2)  # [B, N, S, C]
+    x = layers.dense(self.dim, ("vis_embed", "embed"), **kw, name="input_proj")(x)
+    x = x + layers.FeedForward(self.ffw_mult, self.activation, **kw, name="ffw")(x)
+    return layers.norm("layernorm", **kw, name="norm")(x)
+
+
+_MLP_FIELDS = ("dim", "num_latents", "ffw_mult", "activation")
+
+
+def connector(cfg: dict, **kwargs) -> nn.Module:
+  """config.model.resampler -> its module; `kind` 'perceiver' (default) or 'mlp'.
+
+  'mlp' uses dim, num_latents, ffw_mult and activation; the attention sizes do not apply to it.
+  """
+  cfg = dict(cfg)
+  kind = cfg.pop("kind", "perceiver")
+  if kind == "perceiver":
+    return PerceiverResampler(**cfg, **kwargs)
+  if kind == "mlp":
+    unknown = set(cfg) - {f.name for f in dataclasses.fields(PerceiverResampler)}
+    if unknown:
+      raise ValueError(f"Unknown model.resampler keys {sorted(unknown)}.")
+    return MlpConnector(**{k: v for k, v in cfg.items() if k in _MLP_FIELDS}, **kwargs)
+  raise ValueError(f"model.resampler.kind={kind!r}; expected 'perceiver' or 'mlp'.")
