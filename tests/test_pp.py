@@ -147,3 +147,30 @@ def test_tokenize_video(tok):
   out = fn({"video": video, "caption": "a red circle", "fps": 8})
   assert out["images"].shape == (1, 4, 8, 8, 3)
   assert out["tokens"][1] == tok.image_id and out["media_mask"].tolist() == [True]
+
+
+def _episode():
+  """A names episode as the data source gives it: shapes are ClassLabel ids, image i is all i."""
+  images = np.arange(6)[:, None, None, None] * np.ones((1, 4, 4, 3), np.uint8)
+  return {"support_images": images[:4], "support_shapes": np.array([0, 1, 0, 1]),
+          "query_images": images[4:], "query_shapes": np.array([1, 0]), "_rng": _rng(3)}
+
+
+def test_name_episode_binds_one_fresh_name_per_shape():
+  shape_of_image = [0, 1, 0, 1, 1, 0]
+  names = {}
+  for seed in (3, 4):
+    out = pp.build("name_episode(6)")({**_episode(), "_rng": _rng(seed)})
+    assert out["texts"][0] == "" and len(out["texts"]) == 7 and len(out["images"]) == 6
+    episode = {}
+    for image, text in zip(out["images"], out["texts"][1:]):
+      assert text.startswith("This is a ") and text.endswith("."), text
+      episode.setdefault(shape_of_image[int(image[0, 0, 0])], set()).add(text[10:-1])
+    assert all(len(n) == 1 for n in episode.values()) and episode[0] != episode[1]
+    names[seed] = episode
+  assert names[3] != names[4]  # Fresh names per example.
+
+
+def test_name_episode_needs_enough_images():
+  with pytest.raises(ValueError, match="num_shots=7 exceeds"):
+    pp.build("name_episode(7)")(_episode())
