@@ -13,7 +13,8 @@ def paper_model(*, lm_layers: int, lm_dim: int, lm_heads: int, xattn_every: int,
   FFWs of 4·D. xattn blocks: key size 128, placed before layer 0 and every n-th layer.
   """
   return ml_collections.ConfigDict(dict(
-      vision=dict(variant="F6"),
+      # scan_blocks=False unrolls F6's 84 blocks: ~3x the HLO, far slower AOT compiles (AOT.md).
+      vision=dict(variant="F6", scan_blocks=True),
       resampler=dict(dim=1536, num_layers=6, num_heads=16, head_dim=128, num_latents=64,
                      max_frames=8, ffw_mult=4, activation="sqrelu"),
       lm=dict(vocab_size=32000, num_new_tokens=2, dim=lm_dim, num_layers=lm_layers,

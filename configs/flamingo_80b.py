@@ -5,6 +5,12 @@ Parameter counts: python -m flamingo_jax.models.param_count --config=configs/fla
 Training (set config.input.tokenizer and the batch sizes for the hardware):
 python launch.py --config=configs/flamingo_80b.py --workdir=gs://BUCKET/flamingo_80b \
   --config.input.tokenizer=TOKENIZER --config.vision_init=NFNET_CKPT --config.lm_init=LM_CKPT
+
+Per-chip memory on the paper's 1,536 TPUv4 chips (16-way model parallelism, so 96 data-parallel
+groups: the batch sizes become multiples of 96; benchmarks/AOT.md):
+python launch.py --mode=compile --config=configs/flamingo_80b.py --topology=v4-3072 \
+  --config.input.datasets.m3w.batch_size=288 --config.input.datasets.align.batch_size=576 \
+  --config.input.datasets.ltip.batch_size=576 --config.input.datasets.vtp.batch_size=96
 """
 import ml_collections
 
@@ -14,7 +20,9 @@ from configs import common
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   del arg
   config = common.training(total_steps=500_000)
-  config.mesh = (1, -1, 16)  # (data, fsdp, model)
+  # (data, fsdp, model): FSDP must divide the widths (8192, 1536), which 96 does not; 1,536 chips
+  # are 3 x 32 x 16 (still 96 data-parallel groups), 512 v5p chips 1 x 32 x 16.
+  config.mesh = (-1, 32, 16)
   config.model = common.paper_model(lm_layers=80, lm_dim=8192, lm_heads=64, xattn_every=7,
                                     xattn_heads=64)
   config.image_size = 320

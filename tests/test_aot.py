@@ -6,6 +6,7 @@ import pytest
 
 from configs import tiny
 from flamingo_jax.train import aot
+from flamingo_jax.train import sharding as sharding_lib
 
 
 @pytest.mark.parametrize("name, expected", [
@@ -33,3 +34,12 @@ def test_tiny_config_compiles_for_v4():
   assert report.hbm_bytes == 32 * aot.GiB
   assert report.flops > 0 and report.step_seconds(0.5) > 0
   assert "per chip: total" in report.format()
+
+
+def test_batch_that_does_not_split_names_the_field_and_the_divisor():
+  config = tiny.get_config()
+  config.mesh = (1, -1, 1)
+  config.input.datasets.pairs.batch_size = 6
+  mesh = sharding_lib.make_mesh(config.mesh, aot.topology_devices("v4-8"))
+  with pytest.raises(ValueError, match=r"input\.datasets\.pairs\.batch_size=6 .*data-parallel size 4"):
+    aot.abstract_batches(config, mesh)

@@ -170,3 +170,16 @@ def test_safetensors_io_reads_shards(tmp_path):
   (tmp_path / "empty").mkdir()
   with pytest.raises(ValueError, match="no \\*.safetensors"):
     safetensors_io.load(str(tmp_path / "empty"))
+
+
+def test_scanned_blocks_match_unrolled():
+  """scan_blocks (one compiled body per stage) computes what the blocks one by one do."""
+  kw = dict(TINY, depths=(1, 3, 2, 1))
+  scanned, unrolled = nfnet.NFNet(**kw), nfnet.NFNet(**kw, scan_blocks=False)
+  images = jax.random.normal(jax.random.key(1), IMAGES.shape)
+  params = nn.meta.unbox(scanned.init(jax.random.key(0), images)["params"])
+  params = jax.tree.map(lambda p: p + 0.5 if p.ndim == 0 else p, params)  # SkipInit gains != 0.
+  assert "stages_1_block_2" in params  # Per-block parameter names, scanned or not.
+  np.testing.assert_allclose(jax.jit(scanned.apply)({"params": params}, images),
+                             jax.jit(unrolled.apply)({"params": params}, images),
+                             rtol=1e-5, atol=1e-5)

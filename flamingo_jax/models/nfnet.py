@@ -179,7 +179,7 @@ class NFNet(nn.Module):
   (after the final conv and activation, before pooling); with `num_classes` > 0 it returns
   (grid, logits [B, num_classes]) from a mean-pooled linear head. Stochastic depth is active only
   with `train=True` and needs the 'dropout' rng; its rate grows linearly over blocks to
-  `drop_path_rate`, as in timm.
+  `drop_path_rate`, as in timm. `scan_blocks` compiles each stage's same-shape blocks as one scan.
   """
   depths: Sequence[int] = _F0_DEPTHS
   channels: Sequence[int] = (256, 512, 1536, 1536)
@@ -192,8 +192,29 @@ class NFNet(nn.Module):
   drop_path_rate: float = 0.0
   std_conv_eps: float = 1e-5
   num_classes: int = 0
+  scan_blocks: bool = True
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+
+  def _same_shape_blocks(self, blocks, x, train):
+    """Blocks 1.. of a stage, which share their shapes.
+
+    With `scan_blocks`, one lax.scan over their stacked parameters: XLA then compiles one block
+    body per stage instead of all 84 blocks of F6 (two thirds of a Flamingo update step's HLO
+    ops; benchmarks/AOT.md). Parameters keep their per-block names (checkpoints, converters and
+    AGC see plain conv kernels); initialisation and stochastic depth run the blocks one by one.
+    """
+    if not blocks or not self.scan_blocks or self.is_initializing() or (
+        train and self.drop_path_rate > 0):
+      for block in blocks:
+        x = block(x, train)
+      return x
+    params = jax.tree.map(lambda *p: jnp.stack(p),
+                          *(self.variables["params"][block.name] for block in blocks))
+    betas = jnp.asarray([block.beta for block in blocks], x.dtype)
+    body = lambda x, p_beta: (blocks[0].clone(parent=None, beta=p_beta[1]).apply(
+        {"params": p_beta[0]}, x), None)
+    return jax.lax.scan(body, x, (params, betas))[0]
 
   @nn.compact
   def __call__(self, images, train: bool = False):
@@ -219,17 +240,19 @@ class NFNet(nn.Module):
     block_idx = 0
     expected_var = 1.0
     for stage, (depth, features) in enumerate(zip(self.depths, self.channels)):
+      blocks = []
       for b in range(depth):
-        x = NFBlock(
+        blocks.append(NFBlock(
             features, strides=2 if stage and not b else 1, beta=expected_var**-0.5,
             alpha=self.alpha, group_size=self.group_size, bottle_ratio=self.bottle_ratio,
             se_ratio=self.se_ratio,
             drop_path_rate=self.drop_path_rate * block_idx / max(num_blocks - 1, 1),
             eps=self.std_conv_eps, dtype=self.dtype, param_dtype=self.param_dtype,
-            name=f"stages_{stage}_block_{b}")(x, train)
+            name=f"stages_{stage}_block_{b}"))
         # Each block adds alpha^2 to the variance; a stage's first block resets it (fresh shortcut).
         expected_var = (1.0 if b == 0 else expected_var) + self.alpha**2
         block_idx += 1
+      x = self._same_shape_blocks(blocks[1:], blocks[0](x, train), train)
 
     grid = _gelu(conv(self.num_features, "final_conv")(x))  # [B, H/32, W/32, num_features]
     if not self.num_classes:
