@@ -13,7 +13,7 @@ from configs import demo
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   short = arg == "short"
-  config = demo.training(total_steps=60 if short else 300, lr=2e-3, short=short)
+  config = demo.training(total_steps=60 if short else 1200, lr=2e-3, short=short)
   config.model_name = "contrastive"
   config.model = ml_collections.ConfigDict(dict(
       vision=demo.vision(),
