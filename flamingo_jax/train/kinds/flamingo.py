@@ -60,11 +60,10 @@ def load_backbones(config, trainable, frozen):
     part = state_lib.merge(state_lib.subtree(frozen, [prefix]), state_lib.unflat(carried))
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                             part)
-    loaded = state_lib.flat(ckpt_lib.load_params(config[field], abstract))
-    frozen = state_lib.merge(frozen, state_lib.unflat(
-        {p: x for p, x in loaded.items() if p not in carried}))
-    trainable = state_lib.merge(trainable, state_lib.unflat(
-        {p: x for p, x in loaded.items() if p in carried}))
+    loaded_trainable, loaded_frozen = state_lib.split(
+        ckpt_lib.load_params(config[field], abstract), lambda p: p in carried)
+    frozen = state_lib.merge(frozen, loaded_frozen)
+    trainable = state_lib.merge(trainable, loaded_trainable)
   return trainable, frozen
 
 
