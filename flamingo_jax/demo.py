@@ -4,7 +4,7 @@
 
 tokenizer (SentencePiece on data.datasets.text_corpus()) → stage 1: contrastive NFNet + text tower
 (configs/nfnet_contrastive.py), zero-shot retrieval, `{'vision': ...}` → stage 2: LM pretraining
-(configs/lm_pretrain.py), `{'lm': ...}` in stage 3's layout → stage 3: Flamingo with both frozen
+(configs/lm_pretrain.py), its in-context copying (eval/copying.py), `{'lm': ...}` in stage 3's layout → stage 3: Flamingo with both frozen
 (configs/demo.py) → few-shot evaluation → workdir/report.md. All stages use the same trainer; each
 stage's workdir holds its checkpoints and metrics, so re-running resumes. `--short` is the
 end-to-end test's run (`:short` configs).
@@ -111,10 +111,12 @@ def run(workdir: str, short: bool = False) -> str:
   params = _stage("stage 2: LM", c2, dirs["stage 2: LM"], seconds)
   if not epath.Path(lm_init).exists():
     ckpt_lib.save_params(os.path.abspath(lm_init), lm_backbone(params, c3))
+  copying = evaluate.evaluate(c2, dirs["stage 2: LM"])["copying"]
+  logging.info("Stage 2 in-context copying: %s", copying)
 
   fewshot = stage3(c3, workdir, dirs["stage 3: Flamingo"], seconds)
   logging.info("Few-shot results: %s", json.dumps(fewshot))
-  path = report.write(workdir, dirs, retrieval, fewshot, seconds)
+  path = report.write(workdir, dirs, retrieval, copying, fewshot, seconds)
   logging.info("Wrote %s (%.0f s in all).", path, sum(seconds.values()))
   return path
 

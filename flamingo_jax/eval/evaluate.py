@@ -3,6 +3,8 @@
 - Flamingo (`model_name='flamingo'`): the few-shot tasks of `config.eval` on shapes_fewshot TEST
   splits (fewshot.py): accuracy per k with chance for `names`, VQA accuracy / CIDEr-D otherwise.
 - Contrastive (`model_name='contrastive'`): zero-shot retrieval recall@k on `config.eval.split`.
+- Plain LM (`model_name='lm'`): in-context copying of repeated random tokens (copying.py), the
+  ability that Flamingo's few-shot learning takes from its frozen LM.
 Results go to workdir/eval.json and are returned.
 """
 import json
@@ -14,6 +16,7 @@ import numpy as np
 from flamingo_jax.data import mixture
 from flamingo_jax.data import pp
 from flamingo_jax.data import tokenizer as tokenizer_lib
+from flamingo_jax.eval import copying
 from flamingo_jax.eval import fewshot
 from flamingo_jax.models import contrastive
 from flamingo_jax.train import checkpoint as ckpt_lib
@@ -82,6 +85,10 @@ def evaluate(config, workdir: str) -> dict:
     results = {"retrieval": retrieval(config, model, params)}
   elif config.model_name == "flamingo":
     results = few_shot(config, model, params)
+  elif config.model_name == "lm":
+    logits_fn = jax.jit(lambda tokens: model.apply({"params": params}, tokens))
+    results = {"copying": copying.evaluate(
+        logits_fn, tokenizer_lib.load_tokenizer(config.input.tokenizer))}
   else:
     raise ValueError(f"--mode=eval: nothing to evaluate for model_name={config.model_name!r}.")
   if jax.process_index() == 0:

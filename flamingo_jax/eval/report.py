@@ -77,7 +77,8 @@ def plot_fewshot(workdir: str, task: str, result: dict[str, float]) -> str:
 
 
 def write(workdir: str, stage_dirs: dict[str, str], retrieval: dict[str, float],
-          fewshot: dict[str, dict[str, float]], seconds: dict[str, float]) -> str:
+          copying: dict[str, float], fewshot: dict[str, dict[str, float]],
+          seconds: dict[str, float]) -> str:
   """Writes workdir/report.md (and its plots); returns its path."""
   stages = {title: read_metrics(d) for title, d in stage_dirs.items()}
   flamingo_rows = stages[list(stages)[-1]]
@@ -92,6 +93,11 @@ def write(workdir: str, stage_dirs: dict[str, str], retrieval: dict[str, float],
   lines += ["", f"![losses]({plot_losses(workdir, stages)})", "",
             "Stage 1 zero-shot retrieval on the shapes_pairs test split: " + ", ".join(
                 f"{k} {v:.3f}" for k, v in sorted(retrieval.items())) + ".", "",
+            "Stage 2 in-context copying (eval/copying.py: random tokens repeated once; Flamingo's "
+            "few-shot learning is its frozen LM's, which must copy from context): NLL "
+            f"{copying['first_copy_nll']:.2f} on the first copy, {copying['second_copy_nll']:.2f} "
+            f"on the second (uniform {copying['uniform_nll']:.2f}): copy gain "
+            f"{copying['copy_gain']:.2f} nats per token (0 = none).", "",
             "## Gates (tanh of the xattn gates by layer over training; paper Fig. 14)", "",
             f"![gates]({plot_gates(workdir, flamingo_rows)})", "", "| layer | attn | ffw |",
             "|---|---|---|"]
