@@ -4,8 +4,9 @@
 
 tokenizer (SentencePiece on data.datasets.text_corpus()) → stage 1: contrastive NFNet + text tower
 (configs/nfnet_contrastive.py), zero-shot retrieval, `{'vision': ...}` → stage 2: LM pretraining
-(configs/lm_pretrain.py), its in-context copying (eval/copying.py), `{'lm': ...}` in stage 3's layout → stage 3: Flamingo with both frozen
-(configs/demo.py) → few-shot evaluation → workdir/report.md. All stages use the same trainer; each
+(configs/lm_pretrain.py), its in-context copying (eval/copying.py), `{'lm': ...}` in stage 3's
+layout → stage 3: Flamingo with both frozen (configs/demo.py) → few-shot evaluation →
+workdir/report.md. All stages use the same trainer; each
 stage's workdir holds its checkpoints and metrics, so re-running resumes. `--short` is the
 end-to-end test's run (`:short` configs).
 """
