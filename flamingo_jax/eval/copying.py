@@ -12,6 +12,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from flamingo_jax.data import tokenizer as tokenizer_lib
+from flamingo_jax.train.kinds import flamingo as flamingo_kind
 
 # logits_fn: tokens [B, L] int32 -> logits [B, L, V] (next-token scores at every position).
 LogitsFn = Callable[[np.ndarray], np.ndarray]
@@ -35,11 +36,14 @@ def repeat_nll(logits_fn: LogitsFn, tokens: np.ndarray) -> dict[str, float]:
   second copy's, which no copying can predict either.
   """
   length = (tokens.shape[1] - 1) // 2
-  logits = np.asarray(logits_fn(tokens), np.float64)[:, :-1]  # Predicts tokens[:, 1:].
-  logp = logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True)
-  nll = -np.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]  # [B, 2·length]
-  return {"first_copy_nll": float(nll[:, 1:length].mean()),
-          "second_copy_nll": float(nll[:, length + 1:].mean())}
+  logits = logits_fn(tokens)
+  position = np.arange(tokens.shape[1])
+  result = {}
+  for name, start in (("first_copy_nll", 2), ("second_copy_nll", length + 2)):
+    mask = (position >= start) & (position < start + length - 1)  # Target positions.
+    mask = np.broadcast_to(mask, tokens.shape).astype(np.float32)
+    result[name] = float(flamingo_kind.next_token_nll(logits, tokens, mask) / mask.sum())
+  return result
 
 
 def evaluate(logits_fn: LogitsFn, tokenizer: tokenizer_lib.Tokenizer, *, num_seqs: int = 16,
