@@ -174,3 +174,27 @@ def test_name_episode_binds_one_fresh_name_per_shape():
 def test_name_episode_needs_enough_images():
   with pytest.raises(ValueError, match="num_shots=7 exceeds"):
     pp.build("name_episode(7)")(_episode())
+
+
+def test_copy_tokens_repeats_a_fresh_run_of_text_pieces(tok):
+  runs = set()
+  for seed in range(6):
+    out = pp.build("copy_tokens(max_len=40, min_period=3, max_period=9)", tok)(
+        {"image": b"unused", "_rng": _rng(seed)})
+    assert sorted(out) == ["loss_mask", "media_idx", "tokens"]
+    tokens, mask = out["tokens"], out["loss_mask"]
+    assert tokens.shape == mask.shape == out["media_idx"].shape == (40,)
+    assert tokens[0] == tok.bos_id and not out["media_idx"].any()
+    period = int(np.argmax(mask)) - 1  # Targets start at the second copy.
+    assert 3 <= period <= 9 and mask[:period + 1].sum() == 0 and mask[period + 1:].all()
+    np.testing.assert_array_equal(tokens[1 + period:], tokens[1:40 - period])
+    assert not set(tokens[1:].tolist()) & tok.special_ids and (tokens[1:] < tok.vocab_size).all()
+    runs.add(tuple(tokens[1:period + 1]))
+  assert len(runs) == 6  # Fresh per example.
+
+
+@pytest.mark.parametrize("args", ["max_len=16, min_period=4, max_period=8",
+                                  "min_period=0", "min_period=9, max_period=8"])
+def test_copy_tokens_rejects_bad_periods(tok, args):
+  with pytest.raises(ValueError, match="copy_tokens: need 1 <= min_period"):
+    pp.build(f"copy_tokens({args})", tok)

@@ -252,6 +252,33 @@ def name_episode(num_shots: int = 8):
   return op
 
 
+@_register
+def copy_tokens(tokenizer: tokenizer_lib.Tokenizer, max_len: int = 64, min_period: int = 4,
+                max_period: int = 16):
+  """Any example -> `<BOS>` + a random run of text pieces repeated to `max_len`, for stage 2.
+
+  In-context copying (induction heads, Olsson et al. 2022) is what few-shot naming runs on: the
+  frozen LM must find the earlier image of the query's shape and copy the name after it. A large LM
+  learns it from web text; the demo's tiny one does not from the demo's text, and does from these
+  runs (period drawn from [min_period, max_period]). Only the repeats are targets. The source
+  record's content is unused: it just numbers the stream.
+  """
+  if not 1 <= min_period <= max_period or max_len < 2 * max_period + 1:
+    raise ValueError(f"copy_tokens: need 1 <= min_period <= max_period and max_len >= "
+                     f"2 * max_period + 1 (two copies); got min_period={min_period}, "
+                     f"max_period={max_period}, max_len={max_len}.")
+  pieces = np.array([i for i in range(tokenizer.vocab_size) if i not in tokenizer.special_ids])
+
+  def op(example):
+    rng = _rng(example, "copy_tokens")
+    period = int(rng.integers(min_period, max_period + 1))
+    run = rng.choice(pieces, period)
+    tokens = np.concatenate([[tokenizer.bos_id], np.resize(run, max_len - 1)]).astype(np.int32)
+    loss_mask = (np.arange(max_len) > period).astype(np.float32)
+    return {"tokens": tokens, "media_idx": np.zeros([max_len], np.int32), "loss_mask": loss_mask}
+  return op
+
+
 def _media(value: Any, key: str, rank: int) -> np.ndarray:
   """A media field as an array of `rank` (3: image, 4: images or video), or a clear error."""
   if isinstance(value, (list, tuple)) and len({np.shape(v) for v in value}) > 1:
