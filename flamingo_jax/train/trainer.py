@@ -255,7 +255,7 @@ def train(config, workdir: str) -> tuple[dict, dict, dict]:
             "lr": setup.schedules["group0"](step - 1), "steps_per_s": rate,
             "examples_per_s": rate * examples, "tokens_per_s": rate * tokens,
             "tflops_per_device": rate * flops / 1e12, "mfu": rate * flops / peak,
-            **{f"compile_s/{'+'.join(k)}": v for k, v in compile_seconds.items()}}
+            **{f"compile_s/{'-'.join(k)}": v for k, v in compile_seconds.items()}}
     writer.write(step, last)
 
   step = first_step
