@@ -13,7 +13,7 @@ from configs import demo
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   short = arg == "short"
-  config = demo.training(total_steps=60 if short else 1200, lr=2e-3, short=short)
+  config = demo.training(total_steps=60 if short else 800, lr=2e-3, short=short)
   config.model_name = "contrastive"
   config.model = ml_collections.ConfigDict(dict(
       vision=demo.vision(),
@@ -26,7 +26,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                       no_decay="")
   config.input = ml_collections.ConfigDict(dict(
       kind="tfds", tokenizer="", num_workers=2,
-      datasets=dict(pairs=dict(tfds_name="shapes_pairs", split="train", batch_size=64,
+      # 256, not 64: a batch then holds captions that differ only in the shape, so the tower must
+      # see shapes (not just colours) to tell them apart; names episodes need it.
+      datasets=dict(pairs=dict(tfds_name="shapes_pairs", split="train", batch_size=256,
                                pp=f"flip|{demo.IMG_PP}|tokenize_pair(max_len=32)"))))
   config.eval = ml_collections.ConfigDict(dict(  # Zero-shot retrieval (flamingo_jax/eval/).
       tfds_name="shapes_pairs", split="test", pp=f"{demo.IMG_PP}|tokenize_pair(max_len=32)"))
