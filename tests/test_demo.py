@@ -1,9 +1,8 @@
 """End to end: the shortened demo (tokenizer, three stages, few-shot evaluation, report).
 
-The shortened run (configs' `:short`, ~120 Flamingo steps) does not reliably show few-shot learning
-on the names task, so this checks the report and the results' structure, not the gain; the full
-demo (`bash scripts/demo.sh`) is where the gain is measured. The report's stage-2 copying probe
-(eval/copying.py) shows why: the stage-2 LM does not yet copy from context.
+The shortened run (configs' `:short`) checks the report, the results' structure and that stage 2
+gives the LM in-context copying (eval/copying.py), which few-shot naming runs on. It does not check
+a few-shot gain on the names task: neither it nor the full demo shows one yet (README, "Status").
 """
 import json
 import pathlib
@@ -36,12 +35,13 @@ def test_short_demo_writes_report(tmp_path):
   copy = json.loads((tmp_path / "stage2" / "eval.json").read_text())["copying"]
   assert copy["copy_gain"] == copy["first_copy_nll"] - copy["second_copy_nll"]
   assert copy["uniform_nll"] > 0 and copy["second_copy_nll"] > 0
+  assert copy["copy_gain"] > 2.0, copy  # copy_tokens in stage 2 (without them: ~0.4 nats).
   results = json.loads((tmp_path / "stage3" / "eval.json").read_text())
   names = results["names"]
   assert {"accuracy/0shot", "accuracy/4shot", "accuracy/8shot", "chance"} <= set(names)
   assert all(0.0 <= v <= 1.0 for v in names.values())
   gates = [json.loads(line) for line in (tmp_path / "stage3" / "metrics.jsonl").open()][-1]
-  assert {"gates/attn/layer_000", "gates/ffw/layer_003"} <= set(gates)
+  assert {"gates/attn/layer_000", "gates/ffw/layer_001"} <= set(gates)
 
 
 def test_stage3_starts_as_the_stage2_lm(tmp_path):

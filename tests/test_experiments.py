@@ -56,7 +56,7 @@ def test_variant_applies_to_the_demo_config_and_builds(name, variant, baseline_p
   lm_cfg = flamingo.lm_config(config.model)
   assert any(p.endswith("_gate") for p in paths) == lm_cfg.xattn.gated
   blocks = len(lm_lib.xattn_layer_indices(lm_cfg))
-  assert blocks == lm_cfg.num_layers // lm_cfg.xattn.every
+  assert blocks == -(-lm_cfg.num_layers // lm_cfg.xattn.every)  # Before layer 0 and every n-th.
   assert ("resampler/latents" in paths) == (config.model.resampler.get("kind") != "mlp")
   if not {"model.lm.xattn.gated", "model.lm.xattn.every", "model.resampler.kind"} & set(
       variant.overrides):
