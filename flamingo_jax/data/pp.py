@@ -267,7 +267,7 @@ def copy_tokens(tokenizer: tokenizer_lib.Tokenizer, max_len: int = 64, min_perio
     raise ValueError(f"copy_tokens: need 1 <= min_period <= max_period and max_len >= "
                      f"2 * max_period + 1 (two copies); got min_period={min_period}, "
                      f"max_period={max_period}, max_len={max_len}.")
-  pieces = np.array([i for i in range(tokenizer.vocab_size) if i not in tokenizer.special_ids])
+  pieces = np.array(tokenizer.text_ids)
 
   def op(example):
     rng = _rng(example, "copy_tokens")

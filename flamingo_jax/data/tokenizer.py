@@ -51,6 +51,12 @@ class Tokenizer:
     return frozenset([self.bos_id, self.eos_id, self.pad_id,
                       *range(self.vocab_size, self.total_vocab_size)])
 
+  @property
+  def text_ids(self) -> list[int]:
+    """The base vocabulary without BOS/EOS/pad: what random text is drawn from."""
+    special = self.special_ids
+    return [i for i in range(self.vocab_size) if i not in special]
+
   def encode(self, text: str | bytes) -> list[int]:
     """Base-vocabulary ids of `text`, no specials (not even BOS/EOS)."""
     if isinstance(text, bytes):

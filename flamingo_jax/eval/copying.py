@@ -53,7 +53,7 @@ def evaluate(logits_fn: LogitsFn, tokenizer: tokenizer_lib.Tokenizer, *, num_seq
   Returns the first/second-copy NLLs, `uniform_nll` = ln(number of ids) beside them, and
   `copy_gain` = first - second (nats per token; 0 = no in-context copying).
   """
-  ids = [i for i in range(tokenizer.vocab_size) if i not in tokenizer.special_ids]
+  ids = tokenizer.text_ids
   tokens = repeated_tokens(np.random.default_rng(seed), num_seqs, length, ids, tokenizer.bos_id)
   result = repeat_nll(logits_fn, tokens)
   result["uniform_nll"] = float(np.log(len(ids)))
