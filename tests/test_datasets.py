@@ -184,14 +184,17 @@ def test_fewshot_names_episodes(data_dir):
     assert len(set(choices)) == 3  # Chance level is 1 / 3.
     assert row['support_images'].shape == (7, S, S, 3)
     assert row['query_images'].shape == (4, S, S, 3)
-    names = {}
+    names, colors = {}, {}
     for part in ('support', 'query'):
       for image, name, shape in zip(row[f'{part}_images'], row[f'{part}_names'],
                                     row[f'{part}_shapes']):
         assert text(name) in choices
         assert names.setdefault(int(shape), text(name)) == text(name)  # One name per shape.
-        assert best_shape(color_map(image) >= 0)[0] == scenes.SHAPES[shape]
-    assert len(set(names.values())) == len(names)  # And one shape per name.
+        (color,) = colors_in(image)
+        assert colors.setdefault(int(shape), color) == color  # One colour per shape.
+        assert best_shape(color_map(image) >= 0) == (scenes.SHAPES[shape], 'large')
+    assert len(set(names.values())) == len(names)  # And one shape per name,
+    assert len(set(colors.values())) == len(colors)  # and one colour per shape.
     assert {text(n) for n in row['support_names'][:3]} == set(choices)
     episodes.add(tuple(choices))
   assert len(episodes) == len(rows)
@@ -225,6 +228,12 @@ def test_splits_use_distinct_seeds():
     (lambda: shapes_fewshot.Config(name='x', task='ocr'), "task='ocr'"),
     (lambda: shapes_fewshot.Config(name='x', num_ways=9), 'num_ways=9'),
     (lambda: shapes_fewshot.Config(name='x', num_ways=4, num_support=2), 'num_support=2'),
+    (lambda: scenes.random_scene(np.random.default_rng(0), S, ['circle'], ['pink']),
+     "colors=['pink']"),
+    (lambda: scenes.random_scene(np.random.default_rng(0), S, ['circle'], ['red', 'blue']),
+     "colors=['red', 'blue']"),
+    (lambda: scenes.random_scene(np.random.default_rng(0), S, ['circle'], size='huge'),
+     "size='huge'"),
 ])
 def test_bad_sizes_fail_clearly(make, field):
   with pytest.raises(ValueError, match=re.escape(field)):

@@ -101,9 +101,16 @@ def to_uint8(canvas: np.ndarray) -> np.ndarray:
   return np.clip(np.round(canvas), 0, 255).astype(np.uint8)
 
 
-def random_objects(rng: np.random.Generator, image_size: int, shapes: list[str]) -> list[Object]:
-  """1 shape (left, middle or right) or 2 (left and right) of distinct random colours."""
-  colors = rng.choice(list(COLORS), len(shapes), replace=False)
+def random_objects(rng: np.random.Generator, image_size: int, shapes: list[str],
+                   colors: list[str] | None = None, size: str | None = None) -> list[Object]:
+  """1 shape (left, middle or right) or 2 (left and right), by default of distinct random colours
+  and random sizes; `colors` (one per shape) and `size` fix those instead."""
+  if colors is None:
+    colors = rng.choice(list(COLORS), len(shapes), replace=False)
+  elif len(colors) != len(shapes) or not set(colors) <= set(COLORS):
+    raise ValueError(f'colors={colors}; expected one of {tuple(COLORS)} per shape in {shapes}.')
+  if size is not None and size not in SIZES:
+    raise ValueError(f'size={size!r}; expected one of {SIZES}.')
   if len(shapes) == 1:
     positions = [POSITIONS[rng.integers(3)]]
   elif len(shapes) == 2:
@@ -112,8 +119,8 @@ def random_objects(rng: np.random.Generator, image_size: int, shapes: list[str])
     raise ValueError(f'shapes={shapes}; expected 1 or 2 shapes.')
   objects = []
   for shape, color, position in zip(shapes, colors, positions):
-    size = SIZES[rng.integers(2)]
-    r, half = radius(size, image_size), image_size / 2
+    obj_size = size or SIZES[rng.integers(2)]
+    r, half = radius(obj_size, image_size), image_size / 2
     if position == 'left':
       x = rng.uniform(r, half - r)
     elif position == 'right':
@@ -121,16 +128,18 @@ def random_objects(rng: np.random.Generator, image_size: int, shapes: list[str])
     else:
       x = half + rng.uniform(-0.05, 0.05) * image_size
     y = rng.uniform(r, image_size - r)
-    objects.append(Object(str(shape), str(color), size, position, (y, x)))
+    objects.append(Object(str(shape), str(color), obj_size, position, (y, x)))
   return objects
 
 
-def random_scene(rng: np.random.Generator, image_size: int,
-                 shapes: list[str] | None = None) -> tuple[np.ndarray, list[Object]]:
-  """A uint8 [S, S, 3] image of `shapes` (default: 1 or 2 distinct random ones), and its objects."""
+def random_scene(rng: np.random.Generator, image_size: int, shapes: list[str] | None = None,
+                 colors: list[str] | None = None,
+                 size: str | None = None) -> tuple[np.ndarray, list[Object]]:
+  """A uint8 [S, S, 3] image of `shapes` (default: 1 or 2 distinct random ones), and its objects;
+  `colors` and `size` as in random_objects."""
   if shapes is None:
     shapes = rng.choice(SHAPES, rng.integers(1, 3), replace=False)
-  objects = random_objects(rng, image_size, shapes)
+  objects = random_objects(rng, image_size, shapes, colors, size)
   canvas = background(rng, image_size)
   for obj in objects:
     paint(canvas, obj.shape, obj.color, obj.center, radius(obj.size, image_size), rng)
