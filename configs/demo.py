@@ -18,7 +18,7 @@ import ml_collections
 
 from configs import common
 
-VOCAB_SIZE = 512  # SentencePiece pieces trained on data.datasets.text_corpus() (flamingo_jax/demo.py).
+VOCAB_SIZE = 512  # SentencePiece pieces (flamingo_jax/demo.py trains them).
 IMAGE_SIZE = 32
 IMG_PP = f"decode|resize_pad({IMAGE_SIZE})|value_range(-1, 1)"
 

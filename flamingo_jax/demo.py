@@ -2,12 +2,12 @@
 
   python -m flamingo_jax.demo --workdir=workdir [--short]     (scripts/demo.sh runs this)
 
-tokenizer (SentencePiece on data.datasets.text_corpus()) → stage 1: contrastive NFNet + text tower
-(configs/nfnet_contrastive.py), zero-shot retrieval, `{'vision': ...}` → stage 2: LM pretraining
-(configs/lm_pretrain.py), its in-context copying (eval/copying.py), `{'lm': ...}` in stage 3's
-layout → stage 3: Flamingo with both frozen (configs/demo.py) → few-shot evaluation →
-workdir/report.md. All stages use the same trainer; each
-stage's workdir holds its checkpoints and metrics, so re-running resumes. `--short` is the
+tokenizer (SentencePiece on data.datasets.text_corpus() and the few-shot prompts' own words) →
+stage 1: contrastive NFNet + text tower (configs/nfnet_contrastive.py), zero-shot retrieval,
+`{'vision': ...}` → stage 2: LM pretraining (configs/lm_pretrain.py), its in-context copying
+(eval/copying.py), `{'lm': ...}` in stage 3's layout → stage 3: Flamingo with both frozen
+(configs/demo.py) → few-shot evaluation → workdir/report.md. All stages use the same trainer;
+each stage's workdir holds its checkpoints and metrics, so re-running resumes. `--short` is the
 end-to-end test's run (`:short` configs).
 """
 import dataclasses
@@ -28,6 +28,7 @@ from configs import nfnet_contrastive
 from flamingo_jax.data import datasets
 from flamingo_jax.data import tokenizer as tokenizer_lib
 from flamingo_jax.eval import evaluate
+from flamingo_jax.eval import fewshot as fewshot_lib
 from flamingo_jax.eval import report
 from flamingo_jax.models import flamingo
 from flamingo_jax.models import lm as lm_lib
@@ -81,6 +82,17 @@ def _stage(title: str, config, workdir: str, seconds: dict) -> dict:
   return state["params"]
 
 
+def train_tokenizer(path: str) -> tokenizer_lib.Tokenizer:
+  """SentencePiece on every sentence the data makes and on the few-shot prompts' own words, so
+  that a prompt never holds <unk>."""
+  tokenizer = tokenizer_lib.train_sentencepiece(
+      datasets.text_corpus() + fewshot_lib.template_corpus(), demo_config.VOCAB_SIZE, path)
+  if tokenizer.vocab_size != demo_config.VOCAB_SIZE:
+    raise ValueError(f"The tokenizer has {tokenizer.vocab_size} pieces; configs/demo.py expects "
+                     f"VOCAB_SIZE={demo_config.VOCAB_SIZE}.")
+  return tokenizer
+
+
 def run(workdir: str, short: bool = False) -> str:
   """Runs every step of the demo into `workdir`; returns the report's path."""
   arg = "short" if short else None
@@ -88,11 +100,7 @@ def run(workdir: str, short: bool = False) -> str:
   seconds = {}
   start = time.perf_counter()
   tokenizer_path, vision_init, lm_init = backbone_paths(workdir)
-  tokenizer = tokenizer_lib.train_sentencepiece(datasets.text_corpus(), demo_config.VOCAB_SIZE,
-                                                tokenizer_path)
-  if tokenizer.vocab_size != demo_config.VOCAB_SIZE:
-    raise ValueError(f"The tokenizer has {tokenizer.vocab_size} pieces; configs/demo.py expects "
-                     f"VOCAB_SIZE={demo_config.VOCAB_SIZE}.")
+  train_tokenizer(tokenizer_path)
   seconds["tokenizer"] = time.perf_counter() - start
   dirs = {t: os.path.join(workdir, d) for t, d in (("stage 1: contrastive", "stage1"),
                                                     ("stage 2: LM", "stage2"),

@@ -15,6 +15,7 @@ import pytest
 
 from configs import demo as demo_config
 from flamingo_jax import demo
+from flamingo_jax.eval import fewshot
 from flamingo_jax.models import lm as lm_lib
 from flamingo_jax.train import checkpoint as ckpt_lib
 from flamingo_jax.train import kinds
@@ -42,6 +43,16 @@ def test_short_demo_writes_report(tmp_path):
   assert all(0.0 <= v <= 1.0 for v in names.values())
   gates = [json.loads(line) for line in (tmp_path / "stage3" / "metrics.jsonl").open()][-1]
   assert {"gates/attn/layer_000", "gates/ffw/layer_001"} <= set(gates)
+
+
+def test_tokenizer_encodes_every_prompt_without_unk(tmp_path):
+  """Round trips fail on <unk>: trained on the data alone, 'Question:' lost its capital."""
+  tokenizer = demo.train_tokenizer(str(tmp_path / "tokenizer.model"))
+  fields = dict(question="what colour is the square?", answer="red",
+                caption="a small red circle on the left.")
+  for template in (t for pair in fewshot.TEMPLATES.values() for t in pair):
+    text = template.format(**fields)
+    assert tokenizer.decode(tokenizer.encode(text)) == text
 
 
 def test_stage3_starts_as_the_stage2_lm(tmp_path):

@@ -6,6 +6,7 @@ the answer). Zero-shot follows the paper: two text-only shots, then the query wi
 `data` is {'train': support examples, 'test': queries} as numpy dicts (tfds.as_numpy of
 shapes_fewshot or a dataset with the same fields); `names` episodes carry their own support.
 """
+import collections
 import functools
 import logging
 from typing import Callable, Sequence
@@ -25,6 +26,12 @@ TEMPLATES = {  # task: (shot, query); fields from `_fields`.
     "captioning": ("Output: {caption}", "Output:"),
     "vqa": ("Question: {question} Short answer: {answer}", "Question: {question} Short answer:"),
 }
+
+
+def template_corpus() -> list[str]:
+  """The prompts' own words, fields left empty (e.g. 'Question:  Short answer:'): a tokenizer
+  trained on the data's text alone would map their capitals to <unk>."""
+  return [t.format_map(collections.defaultdict(str)) for pair in TEMPLATES.values() for t in pair]
 
 
 def _text(value) -> str:
