@@ -2,7 +2,8 @@
 
 The shortened run (configs' `:short`) checks the report, the results' structure and that stage 2
 gives the LM in-context copying (eval/copying.py), which few-shot naming runs on. It does not check
-a few-shot gain on the names task: neither it nor the full demo shows one yet (README, "Status").
+a few-shot gain on the names task: runs show one with some stage-1 encoders and not with others
+(README, "Status").
 """
 import json
 import pathlib
