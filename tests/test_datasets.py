@@ -96,20 +96,50 @@ def test_pairs(data_dir):
     assert caption in [t.format(described) for t in scenes.CAPTION_TEMPLATES]
 
 
+def check_answer(image, question, answer):
+  """`answer` is right about `image` for a question from shapes_fewshot.QUESTIONS."""
+  colors = colors_in(image)
+  kind = next(k for k, q in shapes_fewshot.QUESTIONS.items()
+              if re.fullmatch(re.escape(q).replace(r'\{shape\}', r'\w+').replace(r'\{color\}', r'\w+'),
+                              question))
+  if kind == 'count':
+    assert answer == ('one', 'two')[len(colors) - 1]
+  elif kind == 'colour':
+    assert answer in colors
+  elif kind == 'exists':
+    shape = re.fullmatch(r'is there a (\w+)\?', question).group(1)
+    drawn = {best_shape(color_map(image) == COLOR_NAMES.index(c))[0] for c in colors}
+    assert answer == ('yes' if shape in drawn else 'no'), question
+  else:
+    named = [w for w in re.findall(r'\w+', question) if w in scenes.COLORS]
+    assert len(named) == 1 and named[0] in colors, question
+    m = color_map(image) == COLOR_NAMES.index(named[0])
+    shape, size = best_shape(m)
+    assert answer == {'shape': shape, 'size': size, 'position': position(m)}[kind], question
+  return kind
+
+
 def test_interleaved_text_refers_to_its_own_image(data_dir):
-  config = shapes_interleaved.Config(name='t', max_images=3, **SMALL)
+  config = shapes_interleaved.Config(name='t', max_images=3, num_train=4, num_test=24,
+                                     image_size=S)
   _, rows = prepare('shapes_interleaved', config, data_dir)
-  counts = set()
+  counts, chunks = set(), {'description': 0, 'qa': 0}
   for row in rows:
     images, texts = row['images'], [text(t) for t in row['texts']]
     assert images.ndim == 4 and images.shape[1:] == (S, S, 3) and images.dtype == np.uint8
     assert 1 <= len(images) <= 3 and len(texts) == len(images) + 1
     assert texts[0] in shapes_interleaved.INTROS
     for i, (image, chunk) in enumerate(zip(images, texts[1:]), start=1):
-      assert int(re.search(r'(?:Image|picture|Picture) (\d+)', chunk).group(1)) == i, chunk
-      check_description(image, chunk)
+      if qa := re.fullmatch(r'Question: (.+\?) Answer: (\w+)\.', chunk):
+        check_answer(image, *qa.groups())
+        chunks['qa'] += 1
+      else:
+        assert int(re.search(r'(?:Image|picture|Picture) (\d+)', chunk).group(1)) == i, chunk
+        check_description(image, chunk)
+        chunks['description'] += 1
     counts.add(len(images))
-  assert len(counts) > 1  # Documents vary in length.
+  assert len(counts) > 1  # Documents vary in length,
+  assert min(chunks.values()) > 0.3 * sum(chunks.values()), chunks  # and chunks in kind.
 
 
 def motion(video, color):
@@ -156,20 +186,10 @@ def test_fewshot_captioning_and_vqa(data_dir):
   _, rows = prepare('shapes_fewshot', config, data_dir)
   kinds = set()
   for row in rows:
-    kind = list(shapes_fewshot.QUESTIONS)[row['question_type']]
-    question, answers = text(row['question']), [text(a) for a in row['answers']]
-    colors = colors_in(row['image'])
+    answers = [text(a) for a in row['answers']]
     assert row['image'].shape == (S, S, 3) and len(answers) == 1
-    if kind == 'count':
-      assert answers == [('one', 'two')[len(colors) - 1]]
-    elif kind == 'colour':
-      assert answers[0] in colors
-    elif kind in ('shape', 'position', 'size'):
-      named = [w for w in re.findall(r'\w+', question) if w in scenes.COLORS]
-      assert len(named) == 1 and named[0] in colors, question
-      m = color_map(row['image']) == COLOR_NAMES.index(named[0])
-      shape, size = best_shape(m)
-      assert answers == [{'shape': shape, 'size': size, 'position': position(m)}[kind]], question
+    kind = check_answer(row['image'], text(row['question']), answers[0])
+    assert kind == list(shapes_fewshot.QUESTIONS)[row['question_type']]
     kinds.add(kind)
   assert kinds == set(shapes_fewshot.QUESTIONS)
 
@@ -224,6 +244,7 @@ def test_splits_use_distinct_seeds():
     (lambda: base.Config(name='x', image_size=16), 'image_size=16'),
     (lambda: base.Config(name='x', num_test=0), 'num_test=0'),
     (lambda: shapes_interleaved.Config(name='x', max_images=0), 'max_images=0'),
+    (lambda: shapes_interleaved.Config(name='x', qa_fraction=1.5), 'qa_fraction=1.5'),
     (lambda: shapes_video.Config(name='x', num_frames=1), 'num_frames=1'),
     (lambda: shapes_fewshot.Config(name='x', task='ocr'), "task='ocr'"),
     (lambda: shapes_fewshot.Config(name='x', num_ways=9), 'num_ways=9'),

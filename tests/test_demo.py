@@ -2,8 +2,8 @@
 
 The shortened run (configs' `:short`) checks the report, the results' structure and that stage 2
 gives the LM in-context copying (eval/copying.py), which few-shot naming runs on. It does not check
-a few-shot gain on the names task: runs show one with some stage-1 encoders and not with others
-(README, "Status").
+a few-shot gain on the names task: full runs have shown one, but not yet robustly across stage-1
+encoders and data mixtures (README, "Status").
 """
 import json
 import pathlib
