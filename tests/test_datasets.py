@@ -99,9 +99,9 @@ def test_pairs(data_dir):
 def check_answer(image, question, answer):
   """`answer` is right about `image` for a question from shapes_fewshot.QUESTIONS."""
   colors = colors_in(image)
-  kind = next(k for k, q in shapes_fewshot.QUESTIONS.items()
-              if re.fullmatch(re.escape(q).replace(r'\{shape\}', r'\w+').replace(r'\{color\}', r'\w+'),
-                              question))
+  patterns = {k: re.escape(q).replace(r'\{shape\}', r'\w+').replace(r'\{color\}', r'\w+')
+              for k, q in shapes_fewshot.QUESTIONS.items()}
+  kind = next(k for k, pattern in patterns.items() if re.fullmatch(pattern, question))
   if kind == 'count':
     assert answer == ('one', 'two')[len(colors) - 1]
   elif kind == 'colour':

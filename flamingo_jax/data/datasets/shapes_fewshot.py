@@ -10,10 +10,10 @@
   `support_images` / `support_names` / `support_shapes` [K] and `query_images` / `query_names` /
   `query_shapes` [Q] show one object each, in a random place on a random background. The demo's
   frozen NFNet is too small to tell shapes apart reliably under varying colour and size (a linear
-  probe of its features reads shape at about 0.4-0.7, colour at about 1.0), and then stage 3 does not
-  learn naming (README, "Status"); the episode tests binding names in context, not fine vision,
-  so its objects differ in what that encoder sees. A k-shot prompt is the
-  first k support examples as `<image>` + NAME_TEMPLATE.format(name), then a query image, scored
+  probe of its features reads shape at about 0.4-0.7, colour at about 1.0), and then stage 3 does
+  not learn naming (README, "Status"); the episode tests binding names in context, not fine
+  vision, so its objects differ in what that encoder sees. A k-shot prompt is the first k support
+  examples as `<image>` + NAME_TEMPLATE.format(name), then a query image, scored
   over `choices` (chance is 1 / len(choices)). The support is ordered in rounds that each show every
   class once, so any k >= num_ways shows every name.
 """
