@@ -97,10 +97,10 @@ def test_pairs(data_dir):
 
 
 def check_answer(image, question, answer):
-  """`answer` is right about `image` for a question from shapes_fewshot.QUESTIONS."""
+  """`answer` is right about `image` for a question from scenes.QUESTIONS."""
   colors = colors_in(image)
   patterns = {k: re.escape(q).replace(r'\{shape\}', r'\w+').replace(r'\{color\}', r'\w+')
-              for k, q in shapes_fewshot.QUESTIONS.items()}
+              for k, q in scenes.QUESTIONS.items()}
   kind = next(k for k, pattern in patterns.items() if re.fullmatch(pattern, question))
   if kind == 'count':
     assert answer == ('one', 'two')[len(colors) - 1]
@@ -189,9 +189,9 @@ def test_fewshot_captioning_and_vqa(data_dir):
     answers = [text(a) for a in row['answers']]
     assert row['image'].shape == (S, S, 3) and len(answers) == 1
     kind = check_answer(row['image'], text(row['question']), answers[0])
-    assert kind == list(shapes_fewshot.QUESTIONS)[row['question_type']]
+    assert kind == list(scenes.QUESTIONS)[row['question_type']]
     kinds.add(kind)
-  assert kinds == set(shapes_fewshot.QUESTIONS)
+  assert kinds == set(scenes.QUESTIONS)
 
 
 def test_fewshot_names_episodes(data_dir):

@@ -21,6 +21,14 @@ COLORS = {  # Saturated, so they never look like the grey backgrounds.
 SIZES = ('small', 'large')
 POSITIONS = ('left', 'middle', 'right')
 WHERE = {'left': 'on the left', 'middle': 'in the middle', 'right': 'on the right'}
+QUESTIONS = {
+    'colour': 'what colour is the {shape}?',
+    'shape': 'what shape is the {color} object?',
+    'position': 'where is the {color} {shape}?',
+    'size': 'is the {color} {shape} small or large?',
+    'count': 'how many shapes are there?',
+    'exists': 'is there a {shape}?',
+}
 CAPTION_TEMPLATES = ('{}.', 'a picture of {}.', 'there is {}.', 'an image showing {}.')
 
 MIN_IMAGE_SIZE = 32
@@ -153,6 +161,20 @@ def describe(objects: list[Object]) -> str:
 
 def caption(rng: np.random.Generator, objects: list[Object]) -> str:
   return CAPTION_TEMPLATES[rng.integers(len(CAPTION_TEMPLATES))].format(describe(objects))
+
+
+def question_answer(rng: np.random.Generator, objects: list[Object]) -> tuple[str, str, str]:
+  """A random (question type, question, answer) about the scene of `objects`."""
+  kind = list(QUESTIONS)[rng.integers(len(QUESTIONS))]
+  obj = objects[rng.integers(len(objects))]
+  shapes = [o.shape for o in objects]
+  shape = obj.shape
+  if kind == 'exists' and rng.integers(2):  # Half the time ask about an absent shape.
+    shape = str(rng.choice([s for s in SHAPES if s not in shapes]))
+  answer = {'colour': obj.color, 'shape': obj.shape, 'position': obj.position, 'size': obj.size,
+            'count': ('one', 'two')[len(objects) - 1],
+            'exists': 'yes' if shape in shapes else 'no'}[kind]
+  return kind, QUESTIONS[kind].format(shape=shape, color=obj.color), answer
 
 
 def single_descriptions() -> list[str]:

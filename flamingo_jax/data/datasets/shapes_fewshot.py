@@ -27,14 +27,6 @@ from flamingo_jax.data.datasets import base
 from flamingo_jax.data.datasets import scenes
 
 TASKS = ('captioning', 'vqa', 'names')
-QUESTIONS = {
-    'colour': 'what colour is the {shape}?',
-    'shape': 'what shape is the {color} object?',
-    'position': 'where is the {color} {shape}?',
-    'size': 'is the {color} {shape} small or large?',
-    'count': 'how many shapes are there?',
-    'exists': 'is there a {shape}?',
-}
 NAME_TEMPLATE = 'This is a {}.'
 _ONSETS = ('b', 'd', 'f', 'g', 'k', 'l', 'm', 'n', 'p', 'r', 's', 't', 'v', 'w', 'z',
            'bl', 'dr', 'fl', 'gl', 'kr', 'pl', 'sn', 'st', 'tr')
@@ -75,20 +67,6 @@ def nonsense_names(rng: np.random.Generator, n: int) -> list[str]:
   return names
 
 
-def vqa(rng: np.random.Generator, objects: list[scenes.Object]) -> tuple[str, str, str]:
-  """A random (question type, question, answer) about the scene of `objects`."""
-  kind = list(QUESTIONS)[rng.integers(len(QUESTIONS))]
-  obj = objects[rng.integers(len(objects))]
-  shapes = [o.shape for o in objects]
-  shape = obj.shape
-  if kind == 'exists' and rng.integers(2):  # Half the time ask about an absent shape.
-    shape = str(rng.choice([s for s in scenes.SHAPES if s not in shapes]))
-  answer = {'colour': obj.color, 'shape': obj.shape, 'position': obj.position, 'size': obj.size,
-            'count': ('one', 'two')[len(objects) - 1],
-            'exists': 'yes' if shape in shapes else 'no'}[kind]
-  return kind, QUESTIONS[kind].format(shape=shape, color=obj.color), answer
-
-
 class ShapesFewshot(base.Builder):
   """Few-shot evaluation tasks on procedurally drawn shapes."""
   VERSION = tfds.core.Version('1.1.0')
@@ -106,7 +84,7 @@ class ShapesFewshot(base.Builder):
       return {'image': image, 'captions': tfds.features.Sequence(text)}
     if self.builder_config.task == 'vqa':
       return {'image': image, 'question': text, 'answers': tfds.features.Sequence(text),
-              'question_type': tfds.features.ClassLabel(names=list(QUESTIONS))}
+              'question_type': tfds.features.ClassLabel(names=list(scenes.QUESTIONS))}
     shapes = tfds.features.Sequence(tfds.features.ClassLabel(names=list(scenes.SHAPES)))
     return {'choices': tfds.features.Sequence(text),
             'support_images': tfds.features.Sequence(image),
@@ -122,7 +100,7 @@ class ShapesFewshot(base.Builder):
     if cfg.task == 'captioning':
       return {'image': image,
               'captions': [t.format(scenes.describe(objects)) for t in scenes.CAPTION_TEMPLATES]}
-    kind, question, answer = vqa(rng, objects)
+    kind, question, answer = scenes.question_answer(rng, objects)
     return {'image': image, 'question': question, 'answers': [answer], 'question_type': kind}
 
   def _episode(self, rng: np.random.Generator) -> dict:
@@ -146,7 +124,7 @@ class ShapesFewshot(base.Builder):
 def corpus(num_names: int = 1000) -> list[str]:
   """Every question, every answer, and NAME_TEMPLATE with `num_names` seeded made-up names."""
   questions = {q.format(shape=s, color=c) for q, s, c in itertools.product(
-      QUESTIONS.values(), scenes.SHAPES, scenes.COLORS)}
+      scenes.QUESTIONS.values(), scenes.SHAPES, scenes.COLORS)}
   answers = [*scenes.COLORS, *scenes.SHAPES, *scenes.POSITIONS, *scenes.SIZES,
              'one', 'two', 'yes', 'no']
   names = nonsense_names(np.random.default_rng(0), num_names)

@@ -15,7 +15,6 @@ import tensorflow_datasets as tfds
 
 from flamingo_jax.data.datasets import base
 from flamingo_jax.data.datasets import scenes
-from flamingo_jax.data.datasets import shapes_fewshot
 
 INTROS = ('', 'Here are some shapes.', 'A page of pictures.')
 TEMPLATES = ('Image {} shows {}.', 'In picture {} there is {}.', 'Picture {}: {}.')
@@ -52,7 +51,7 @@ class ShapesInterleaved(base.Builder):
       image, objects = scenes.random_scene(rng, self.builder_config.image_size)
       images.append(image)
       if rng.random() < self.builder_config.qa_fraction:
-        _, question, answer = shapes_fewshot.vqa(rng, objects)
+        _, question, answer = scenes.question_answer(rng, objects)
         texts.append(QA_TEMPLATE.format(question, answer))
       else:
         texts.append(TEMPLATES[rng.integers(len(TEMPLATES))].format(i, scenes.describe(objects)))
