@@ -177,6 +177,13 @@ def question_answer(rng: np.random.Generator, objects: list[Object]) -> tuple[st
   return kind, QUESTIONS[kind].format(shape=shape, color=obj.color), answer
 
 
+def question_answer_corpus() -> list[str]:
+  """Every question `question_answer` can ask and every answer it can give."""
+  questions = {q.format(shape=s, color=c)
+               for q, s, c in itertools.product(QUESTIONS.values(), SHAPES, COLORS)}
+  return sorted(questions) + [*COLORS, *SHAPES, *POSITIONS, *SIZES, 'one', 'two', 'yes', 'no']
+
+
 def single_descriptions() -> list[str]:
   """Every one-object description."""
   return [f'a {size} {color} {shape} {WHERE[position]}'

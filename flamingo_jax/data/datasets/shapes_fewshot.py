@@ -18,7 +18,6 @@
   class once, so any k >= num_ways shows every name.
 """
 import dataclasses
-import itertools
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -123,9 +122,5 @@ class ShapesFewshot(base.Builder):
 
 def corpus(num_names: int = 1000) -> list[str]:
   """Every question, every answer, and NAME_TEMPLATE with `num_names` seeded made-up names."""
-  questions = {q.format(shape=s, color=c) for q, s, c in itertools.product(
-      scenes.QUESTIONS.values(), scenes.SHAPES, scenes.COLORS)}
-  answers = [*scenes.COLORS, *scenes.SHAPES, *scenes.POSITIONS, *scenes.SIZES,
-             'one', 'two', 'yes', 'no']
   names = nonsense_names(np.random.default_rng(0), num_names)
-  return sorted(questions) + answers + [NAME_TEMPLATE.format(n) for n in names]
+  return scenes.question_answer_corpus() + [NAME_TEMPLATE.format(n) for n in names]

@@ -60,7 +60,7 @@ class ShapesInterleaved(base.Builder):
 
 def corpus() -> list[str]:
   """The intros, every template with every image number and one-object description, and the
-  question-answer template (shapes_fewshot.corpus() has the questions and answers)."""
+  question-answer template (scenes.question_answer_corpus() has the questions and answers)."""
   max_images = max(c.max_images for c in ShapesInterleaved.BUILDER_CONFIGS)
   return [*filter(None, INTROS), QA_TEMPLATE.format('', '')] + [
       t.format(i, d) for t in TEMPLATES for i in range(1, max_images + 1)
