@@ -127,8 +127,9 @@ def table(rows: list[tuple[str, sweeps.Variant, dict]]) -> list[str]:
       if isinstance(variant.paper, str):
         cells += [variant.paper, f"{measured} ({delta:+.3f})", ""]
       else:
-        paper = _direction(variant.paper - sweeps.PAPER_BASELINE)
-        cells += [f"{variant.paper} ({paper})", f"{measured} ({delta:+.3f})",
+        paper = _direction(variant.paper - variant.paper_baseline)
+        cells += [f"{variant.paper} vs {variant.paper_baseline} ({paper})",
+                  f"{measured} ({delta:+.3f})",
                   "yes" if paper == measured else "no"]
     cells.append(", ".join(f"`{k}={v}`" for k, v in variant.overrides.items()) or "configs/demo.py")
     lines.append("| " + " | ".join(cells) + " |")
