@@ -1,9 +1,8 @@
 """End to end: the shortened demo (tokenizer, three stages, few-shot evaluation, report).
 
-The shortened run (configs' `:short`) checks the report, the results' structure and that stage 2
-gives the LM in-context copying (eval/copying.py), which few-shot naming runs on. It does not check
-a few-shot gain on the names task: full runs have shown one, but not yet robustly across stage-1
-encoders and data mixtures (README, "Status").
+The shortened run (configs' `:short`) checks the report, that stage 2 gives the LM in-context
+copying (eval/copying.py), which few-shot naming runs on, and that stage 3 learned few-shot naming:
+made-up names per episode can only be learned from the context.
 """
 import json
 import pathlib
@@ -42,6 +41,11 @@ def test_short_demo_writes_report(tmp_path):
   names = results["names"]
   assert {"accuracy/0shot", "accuracy/4shot", "accuracy/8shot", "chance"} <= set(names)
   assert all(0.0 <= v <= 1.0 for v in names.values())
+  # 16 episodes of 8 queries; stage-3 seeds 0 / 1 / 2 of this run measured 0.23 at 0 shots and
+  # 0.95 / 0.92 / 0.88 at 4, with a 60-step stage 1 (seed 1) 0.28 and 0.55.
+  for shots in (4, 8):
+    accuracy = names[f"accuracy/{shots}shot"]
+    assert accuracy >= names["chance"] + 0.15 and accuracy >= names["accuracy/0shot"] + 0.15, names
   gates = [json.loads(line) for line in (tmp_path / "stage3" / "metrics.jsonl").open()][-1]
   assert {"gates/attn/layer_000", "gates/ffw/layer_001"} <= set(gates)
 
