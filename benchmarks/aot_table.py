@@ -58,7 +58,7 @@ print("REPORTS" + json.dumps(reports))
 def run_row(config: str, topology: str, overrides) -> list[dict]:
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
   result = subprocess.run(
-      [sys.executable, "-c", CHILD, topology, f"--config=configs/{config}.py", *overrides],
+      [sys.executable, "-c", CHILD, topology, f"--config=flamingo_jax/configs/{config}.py", *overrides],
       cwd=ROOT, env=env, capture_output=True, text=True, check=False)
   lines = [l for l in result.stdout.splitlines() if l.startswith("REPORTS")]
   if not lines:

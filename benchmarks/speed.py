@@ -51,7 +51,7 @@ from open_flamingo.src import utils as of_utils
 import torch
 import transformers
 
-from configs import common
+from flamingo_jax.configs import common
 from flamingo_jax.convert import open_flamingo
 from flamingo_jax.eval import decode
 from flamingo_jax.models import lm as lm_lib

@@ -20,13 +20,14 @@ import orbax.checkpoint as ocp
 
 from experiments import sweeps
 from flamingo_jax import demo
+from flamingo_jax import paths
 from flamingo_jax.eval import report
 from flamingo_jax.models import flamingo
 from flamingo_jax.models import lm as lm_lib
 from flamingo_jax.train import checkpoint as ckpt_lib
 
 _SWEEP = flags.DEFINE_string("sweep", "all", f"One of {sorted(sweeps.SWEEPS)}, or 'all'.")
-FLAGS = flags.FLAGS  # --workdir (the demo's) and --short (configs/demo.py:short) are the demo's.
+FLAGS = flags.FLAGS  # --workdir (the demo's) and --short (flamingo_jax/configs/demo.py:short) are the demo's.
 
 
 def check_workdir(workdir: str) -> None:
@@ -131,7 +132,7 @@ def table(rows: list[tuple[str, sweeps.Variant, dict]]) -> list[str]:
         cells += [f"{variant.paper} vs {variant.paper_baseline} ({paper})",
                   f"{measured} ({delta:+.3f})",
                   "yes" if paper == measured else "no"]
-    cells.append(", ".join(f"`{k}={v}`" for k, v in variant.overrides.items()) or "configs/demo.py")
+    cells.append(", ".join(f"`{k}={v}`" for k, v in variant.overrides.items()) or "flamingo_jax/configs/demo.py")
     lines.append("| " + " | ".join(cells) + " |")
   return lines
 
@@ -140,7 +141,7 @@ def write_table(workdir: str, name: str, rows: list[tuple[str, sweeps.Variant, d
   """W/experiments/<name>.md; returns its path."""
   results = rows[0][2]
   lines = [f"# Ablation sweep: {name}", "",
-           f"Demo stage 3 ({'configs/demo.py:short' if results['short'] else 'configs/demo.py'}) "
+           f"Demo stage 3 ({'flamingo_jax/configs/demo.py:short' if results['short'] else 'flamingo_jax/configs/demo.py'}) "
            "per variant, few-shot on the TEST splits (names: made-up names, chance 0.25, "
            f"{results['num_episodes']} episodes). Paper: Flamingo paper Table 3, Flamingo-3B "
            "overall score (4 shots); measured: names 4-shot accuracy vs the baseline. At this "
@@ -156,16 +157,17 @@ def run(workdir: str, sweep: str = "all", short: bool = False) -> list[str]:
   names = sorted(sweeps.SWEEPS) if sweep == "all" else [sweep]
   if not set(names) <= set(sweeps.SWEEPS):
     raise ValueError(f"--sweep={sweep!r}; expected one of {sorted(sweeps.SWEEPS)} or 'all'.")
+  workdir = paths.resolve(workdir)
   check_workdir(workdir)
-  done, paths = {}, []
+  done, tables = {}, []
   for name in names:
     done[name] = [(v, run_variant(workdir, name, v, short)) for v in sweeps.SWEEPS[name]]
-    paths.append(write_table(workdir, name, [(v.name, v, r) for v, r in done[name]]))
+    tables.append(write_table(workdir, name, [(v.name, v, r) for v, r in done[name]]))
   if sweep == "all":  # One baseline row, then every sweep's variants.
     rows = [("baseline", *done[names[0]][0])]
     rows += [(f"{name}/{v.name}", v, r) for name in names for v, r in done[name][1:]]
-    paths.append(write_table(workdir, "all", rows))
-  return paths
+    tables.append(write_table(workdir, "all", rows))
+  return tables
 
 
 def main(argv):

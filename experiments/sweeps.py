@@ -1,17 +1,17 @@
 """The paper's ablations (Flamingo paper, Table 3: Flamingo-3B, 4 shots) as sweeps over the demo.
 
-SWEEPS: sweep name -> [Variant], the baseline (configs/demo.py as it is) first. A variant's
-overrides are dotted fields of configs/demo.py's get_config(); `paper` is Table 3's overall score
+SWEEPS: sweep name -> [Variant], the baseline (flamingo_jax/configs/demo.py as it is) first. A variant's
+overrides are dotted fields of flamingo_jax/configs/demo.py's get_config(); `paper` is Table 3's overall score
 for that setting, or the paper's word where Table 3 has no row, and `paper_baseline` Table 3's
 score for the baseline's setting of the same knob: the paper's Flamingo-3B (70.7), except for the
-connector, where the demo's baseline is the paper's MLP row (configs/demo.py says why).
+connector, where the demo's baseline is the paper's MLP row (flamingo_jax/configs/demo.py says why).
 experiments/sweep.py runs and tabulates them (experiments/README.md).
 """
 from typing import Any, NamedTuple
 
 import ml_collections
 
-from configs import demo as demo_config
+from flamingo_jax.configs import demo as demo_config
 
 PAPER_BASELINE = 70.7  # Table 3, Flamingo-3B overall score.
 PAPER_MLP = 66.6  # Table 3, "Resampler: MLP": the demo's connector.
@@ -25,7 +25,7 @@ class Variant(NamedTuple):
 
 
 BASELINE = Variant("baseline", {}, PAPER_BASELINE)
-# The paper's connector at the demo's sizes (configs/demo.py's MLP replaces it there).
+# The paper's connector at the demo's sizes (flamingo_jax/configs/demo.py's MLP replaces it there).
 PERCEIVER = {"model.resampler.kind": "perceiver", "model.resampler.num_latents": 8,
              "model.resampler.num_layers": 2, "model.resampler.num_heads": 4,
              "model.resampler.head_dim": 16}
@@ -44,14 +44,14 @@ SWEEPS = {
 
 
 def get_config(variant: Variant, short: bool = False) -> ml_collections.ConfigDict:
-  """configs/demo.py (`:short` if short) with the variant's overrides.
+  """flamingo_jax/configs/demo.py (`:short` if short) with the variant's overrides.
 
-  Overrides outside `model.` must name existing fields; model fields that configs/demo.py leaves
+  Overrides outside `model.` must name existing fields; model fields that flamingo_jax/configs/demo.py leaves
   at their defaults (e.g. model.lm.xattn.gated) may be added: building the model rejects typos.
   """
   config = demo_config.get_config("short" if short else None)
   for key in variant.overrides:
     if not key.startswith("model.") and key not in config:
-      raise KeyError(f"Variant {variant.name!r}: configs/demo.py has no field {key!r}.")
+      raise KeyError(f"Variant {variant.name!r}: flamingo_jax/configs/demo.py has no field {key!r}.")
   config.update_from_flattened_dict(variant.overrides)
   return config

@@ -3,10 +3,10 @@
   python -m flamingo_jax.demo --workdir=workdir [--short]     (scripts/demo.sh runs this)
 
 tokenizer (SentencePiece on data.datasets.text_corpus() and the few-shot prompts' own words) →
-stage 1: contrastive NFNet + text tower (configs/nfnet_contrastive.py), zero-shot retrieval,
-`{'vision': ...}` → stage 2: LM pretraining (configs/lm_pretrain.py), its in-context copying
+stage 1: contrastive NFNet + text tower (flamingo_jax/configs/nfnet_contrastive.py), zero-shot retrieval,
+`{'vision': ...}` → stage 2: LM pretraining (flamingo_jax/configs/lm_pretrain.py), its in-context copying
 (eval/copying.py), `{'lm': ...}` in stage 3's layout → stage 3: Flamingo with both frozen
-(configs/demo.py) → few-shot evaluation → workdir/report.md. All stages use the same trainer;
+(flamingo_jax/configs/demo.py) → few-shot evaluation → workdir/report.md. All stages use the same trainer;
 each stage's workdir holds its checkpoints and metrics, so re-running resumes. `--short` is the
 end-to-end test's run (`:short` configs).
 """
@@ -22,9 +22,10 @@ from absl import logging
 from etils import epath
 import jax
 
-from configs import demo as demo_config
-from configs import lm_pretrain
-from configs import nfnet_contrastive
+from flamingo_jax.configs import demo as demo_config
+from flamingo_jax.configs import lm_pretrain
+from flamingo_jax.configs import nfnet_contrastive
+from flamingo_jax import paths
 from flamingo_jax.data import datasets
 from flamingo_jax.data import tokenizer as tokenizer_lib
 from flamingo_jax.eval import evaluate
@@ -59,7 +60,7 @@ def backbone_paths(workdir: str) -> tuple[str, str, str]:
 
 
 def stage3(config, workdir: str, stage_dir: str, seconds: dict) -> dict:
-  """Trains `config` (configs/demo.py) in `stage_dir` on `workdir`'s tokenizer and frozen stage-1/2
+  """Trains `config` (flamingo_jax/configs/demo.py) in `stage_dir` on `workdir`'s tokenizer and frozen stage-1/2
   checkpoints (a config.lm_init already set is kept), then returns its few-shot results.
 
   experiments/sweep.py runs the paper's ablations through here.
@@ -88,13 +89,15 @@ def train_tokenizer(path: str) -> tokenizer_lib.Tokenizer:
   tokenizer = tokenizer_lib.train_sentencepiece(
       datasets.text_corpus() + fewshot_lib.template_corpus(), demo_config.VOCAB_SIZE, path)
   if tokenizer.vocab_size != demo_config.VOCAB_SIZE:
-    raise ValueError(f"The tokenizer has {tokenizer.vocab_size} pieces; configs/demo.py expects "
+    raise ValueError(f"The tokenizer has {tokenizer.vocab_size} pieces; flamingo_jax/configs/demo.py expects "
                      f"VOCAB_SIZE={demo_config.VOCAB_SIZE}.")
   return tokenizer
 
 
 def run(workdir: str, short: bool = False) -> str:
-  """Runs every step of the demo into `workdir`; returns the report's path."""
+  """Runs every step of the demo into `workdir` (relative: to the current directory); returns the
+  report's path."""
+  workdir = paths.resolve(workdir)
   arg = "short" if short else None
   os.makedirs(workdir, exist_ok=True)
   seconds = {}
@@ -110,7 +113,7 @@ def run(workdir: str, short: bool = False) -> str:
   c1.input.tokenizer = tokenizer_path
   params = _stage("stage 1: contrastive", c1, dirs["stage 1: contrastive"], seconds)
   if not epath.Path(vision_init).exists():
-    ckpt_lib.save_params(os.path.abspath(vision_init), {"vision": params["vision"]})
+    ckpt_lib.save_params(vision_init, {"vision": params["vision"]})
   retrieval = evaluate.evaluate(c1, dirs["stage 1: contrastive"])["retrieval"]
   logging.info("Stage 1 zero-shot retrieval: %s", retrieval)
 
@@ -119,7 +122,7 @@ def run(workdir: str, short: bool = False) -> str:
   c2.input.tokenizer = tokenizer_path
   params = _stage("stage 2: LM", c2, dirs["stage 2: LM"], seconds)
   if not epath.Path(lm_init).exists():
-    ckpt_lib.save_params(os.path.abspath(lm_init), lm_backbone(params, c3))
+    ckpt_lib.save_params(lm_init, lm_backbone(params, c3))
   copying = evaluate.evaluate(c2, dirs["stage 2: LM"])["copying"]
   logging.info("Stage 2 in-context copying: %s", copying)
 

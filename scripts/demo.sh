@@ -4,5 +4,5 @@
 # Re-running resumes from the stages' checkpoints.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup_env.sh
-exec .venv/bin/python -m flamingo_jax.demo --workdir="${WORKDIR:-workdir}" "$@"
+source scripts/setup_env.sh  # Sets VENV.
+exec "$VENV/bin/python" -m flamingo_jax.demo --workdir="${WORKDIR:-workdir}" "$@"

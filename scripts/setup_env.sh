@@ -1,16 +1,19 @@
 #!/usr/bin/env bash
-# Creates (or reuses) the virtualenv at $VENV (default .venv) and installs flamingo_jax into it.
+# Creates (or reuses) the virtualenv at $VENV (default .venv; absolute, or relative to the
+# repository root) and installs flamingo_jax into it.
 # Usage: bash scripts/setup_env.sh [test]   # "test" adds the peers used by parity tests.
+# demo.sh and test.sh source it and use $VENV, made absolute here.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
 VENV=${VENV:-.venv}
+case "$VENV" in /*) ;; *) VENV="$PWD/$VENV" ;; esac
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q --upgrade uv
 # uv does not read pip's configuration: pass on its local wheel folder (it holds the CPU torch build).
 FIND_LINKS=$("$VENV/bin/python" -m pip config get global.find-links 2>/dev/null || true)
 UV_ARGS=()
 [ -n "$FIND_LINKS" ] && UV_ARGS+=(--find-links "$FIND_LINKS")
-export VIRTUAL_ENV="$PWD/$VENV"
+export VIRTUAL_ENV="$VENV"
 if [ "${1:-}" = "test" ]; then
   "$VENV/bin/uv" pip install -q "${UV_ARGS[@]}" -e ".[test]"
   # open-flamingo pins torch==2.0.1; its code runs with the torch above, so install it without deps.

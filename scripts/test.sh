@@ -3,5 +3,5 @@
 # (slow end-to-end tests included) on two worker processes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup_env.sh test
-exec .venv/bin/python -m pytest -n 2 --durations=15 tests "$@"
+source scripts/setup_env.sh test  # Sets VENV.
+exec "$VENV/bin/python" -m pytest -n 2 --durations=15 tests "$@"

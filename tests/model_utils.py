@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from configs import tiny
+from flamingo_jax.configs import tiny
 from flamingo_jax.models import flamingo
 
 

@@ -4,7 +4,7 @@ libtpu is in the test extra (jax[tpu]); without it these tests fail rather than 
 """
 import pytest
 
-from configs import tiny
+from flamingo_jax.configs import tiny
 from flamingo_jax.train import aot
 from flamingo_jax.train import sharding as sharding_lib
 

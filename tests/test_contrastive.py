@@ -7,7 +7,7 @@ import numpy as np
 import optax
 import pytest
 
-from configs import tiny
+from flamingo_jax.configs import tiny
 from flamingo_jax.models import contrastive
 from flamingo_jax.models import text_encoder
 from tests import model_utils

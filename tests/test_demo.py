@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from configs import demo as demo_config
+from flamingo_jax.configs import demo as demo_config
 from flamingo_jax import demo
 from flamingo_jax.eval import fewshot
 from flamingo_jax.models import lm as lm_lib

@@ -1,4 +1,4 @@
-"""experiments/: every ablation builds on configs/demo.py, the tables, resuming, the workdir checks."""
+"""experiments/: every ablation builds on flamingo_jax/configs/demo.py, the tables, resuming, the workdir checks."""
 import json
 import os
 import re
@@ -65,7 +65,7 @@ def test_variant_applies_to_the_demo_config_and_builds(name, variant, baseline_p
 
 
 def test_override_of_a_missing_field_is_an_error():
-  with pytest.raises(KeyError, match="configs/demo.py has no field 'mixture_mod'"):
+  with pytest.raises(KeyError, match="flamingo_jax/configs/demo.py has no field 'mixture_mod'"):
     sweeps.get_config(sweeps.Variant("typo", {"mixture_mod": "round_robin"}, 0.0))
   config = sweeps.get_config(sweeps.Variant("typo", {"model.lm.xattn.gate": False}, 0.0))
   with pytest.raises(ValueError, match=r"Unknown lm.xattn config keys \['gate'\]"):

@@ -10,6 +10,19 @@ def cache(tmp_path_factory):
   return helpers.shared_dir(tmp_path_factory, "jax_cache")
 
 
+def test_relative_workdir_trains_saves_the_last_step_and_resumes(tmp_path, cache):
+  """From a directory outside the checkout (the installed package, no PYTHONPATH), `--workdir=wd`
+  is wd under the current directory; a total that ckpt_every=2 does not divide still ends with its
+  last step saved, and the re-run continues from it."""
+  helpers.run("wd", "--config.total_steps=3", cache_dir=cache, cwd=tmp_path,
+              pythonpath=False)
+  assert {"2", "3"} <= {p.name for p in (tmp_path / "wd" / "checkpoints").iterdir()}
+  helpers.run("wd", "--config.total_steps=5", cache_dir=cache, cwd=tmp_path,
+              pythonpath=False)
+  assert [m["step"] for m in helpers.metrics(tmp_path / "wd")] == [1, 2, 3, 4, 5]
+  assert (tmp_path / "wd" / "checkpoints" / "5").is_dir()
+
+
 @pytest.mark.parametrize("override, message", [
     ("--config.no_such_key=1", "no_such_key"),
     ("--config.total_steps=many", "total_steps"),
@@ -28,7 +41,7 @@ def test_tpu_pod_dry_run_prints_the_gcloud_commands(tmp_path, cache):
   assert len(lines) == 3
   assert lines[0].startswith("gcloud compute tpus tpu-vm scp --recurse")
   assert "--worker=all" in lines[1] and "jax[tpu]" in lines[1]
-  assert "launch.py" in lines[2] and "--config=configs/tiny.py" in lines[2]
+  assert "launch.py" in lines[2] and "flamingo_jax/configs/tiny.py" in lines[2]
   assert "--multihost" in lines[2] and "--mode" not in lines[2] and "--dry_run" not in lines[2]
 
 

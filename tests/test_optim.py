@@ -5,7 +5,7 @@ import numpy as np
 import optax
 import pytest
 
-from configs import tiny
+from flamingo_jax.configs import tiny
 from flamingo_jax.models import param_count
 from flamingo_jax.train import optim
 from flamingo_jax.train import state as state_lib

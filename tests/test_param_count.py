@@ -7,9 +7,9 @@ arithmetic from the paper's stated sizes, and the README shows the gap.
 """
 import pytest
 
-from configs import flamingo_3b
-from configs import flamingo_80b
-from configs import flamingo_9b
+from flamingo_jax.configs import flamingo_3b
+from flamingo_jax.configs import flamingo_80b
+from flamingo_jax.configs import flamingo_9b
 from flamingo_jax.models import param_count
 
 PAPER = {  # Table 1 of the paper, in parameters.

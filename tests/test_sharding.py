@@ -5,8 +5,8 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 import pytest
 
-from configs import common
-from configs import tiny
+from flamingo_jax.configs import common
+from flamingo_jax.configs import tiny
 from flamingo_jax.models import flamingo
 from flamingo_jax.train import sharding
 

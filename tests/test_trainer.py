@@ -5,7 +5,7 @@ import numpy as np
 import optax
 import pytest
 
-from configs import tiny
+from flamingo_jax.configs import tiny
 from flamingo_jax.train import trainer
 from flamingo_jax.train.kinds import flamingo as flamingo_kind
 import train_helpers as helpers

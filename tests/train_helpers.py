@@ -9,14 +9,17 @@ import orbax.checkpoint as ocp
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # Short runs that checkpoint and log often; every run of a test uses the same ones.
-TINY = ["--config=configs/tiny.py", "--config.total_steps=6", "--config.ckpt_every=2",
-        "--config.log_every=1", "--config.lr_schedule.warmup_steps=2"]
+TINY = [f"--config={ROOT / 'flamingo_jax' / 'configs' / 'tiny.py'}", "--config.total_steps=6",
+        "--config.ckpt_every=2", "--config.log_every=1", "--config.lr_schedule.warmup_steps=2"]
 
 
-def env(cache_dir: str) -> dict[str, str]:
-  """8 CPU devices, LLVM at -O0 (compiles 3x faster) and a compilation cache shared by runs."""
-  return dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(cache_dir),
-              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", PYTHONPATH=str(ROOT),
+def env(cache_dir: str, pythonpath: bool = True) -> dict[str, str]:
+  """8 CPU devices, LLVM at -O0 (compiles 3x faster) and a compilation cache shared by runs;
+  without `pythonpath`, flamingo_jax is imported as installed, not from the checkout."""
+  base = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+  return dict(base, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(cache_dir),
+              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+              **({"PYTHONPATH": str(ROOT)} if pythonpath else {}),
               XLA_FLAGS="--xla_force_host_platform_device_count=8 "
                         "--xla_backend_optimization_level=0 "
                         "--xla_llvm_disable_expensive_passes=true")
@@ -26,8 +29,9 @@ def command(workdir, *overrides: str) -> list[str]:
   return [sys.executable, str(ROOT / "launch.py"), f"--workdir={workdir}", *TINY, *overrides]
 
 
-def run(workdir, *overrides: str, cache_dir, check: bool = True) -> subprocess.CompletedProcess:
-  result = subprocess.run(command(workdir, *overrides), env=env(cache_dir), cwd=ROOT,
+def run(workdir, *overrides: str, cache_dir, check: bool = True, cwd=ROOT,
+        pythonpath: bool = True) -> subprocess.CompletedProcess:
+  result = subprocess.run(command(workdir, *overrides), env=env(cache_dir, pythonpath), cwd=cwd,
                           capture_output=True, text=True, timeout=600)
   if check and result.returncode:
     raise AssertionError(f"launch.py failed ({result.returncode}):\n{result.stderr[-5000:]}")

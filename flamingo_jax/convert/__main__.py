@@ -12,6 +12,7 @@ import argparse
 import os
 import shutil
 
+from flamingo_jax import paths
 from flamingo_jax.convert import hf
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -37,8 +38,8 @@ def main(argv=None):
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   sub = parser.add_subparsers(dest="source", required=True)
   p = sub.add_parser("hf", help="a Hugging Face causal LM directory (config.json + safetensors)")
-  p.add_argument("--src", required=True, help="HF model directory.")
-  p.add_argument("--dst", required=True, help="Output directory.")
+  p.add_argument("--src", required=True, type=paths.resolve, help="HF model directory.")
+  p.add_argument("--dst", required=True, type=paths.resolve, help="Output directory.")
   p.add_argument("--num_new_tokens", type=int, default=None,
                  help="Trainable new token rows (default: as many as the tokenizer adds, else 2).")
   p.add_argument("--xattn_every", type=int, default=None,

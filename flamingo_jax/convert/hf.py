@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flamingo_jax import paths
 from flamingo_jax.convert import safetensors_io
 from flamingo_jax.convert import strict
 from flamingo_jax.data import tokenizer as tokenizer_lib
@@ -296,17 +297,19 @@ def load_hf_lm(path: str, num_new_tokens: int | None = None, xattn: dict | None 
 
 def save_converted(directory: str, cfg: lm_lib.LMConfig, params: dict):
   """Writes `params` (orbax, in directory/params) and the LMConfig (directory/lm_config.json)."""
+  directory = paths.resolve(directory)
   os.makedirs(directory, exist_ok=True)
   with open(os.path.join(directory, "lm_config.json"), "w") as f:
     json.dump(dataclasses.asdict(cfg), f, indent=2)
-  checkpoint_lib.save_params(os.path.abspath(os.path.join(directory, "params")), params)
+  checkpoint_lib.save_params(os.path.join(directory, "params"), params)
 
 
 def load_converted(directory: str, visual_dim: int | None = None) -> tuple[lm_lib.LMConfig, dict]:
   """Inverse of `save_converted`; `visual_dim` is needed when the LM has xattn blocks."""
+  directory = paths.resolve(directory)
   with open(os.path.join(directory, "lm_config.json")) as f:
     cfg = lm_lib.make_config(json.load(f))
   abstract = nn.unbox(jax.eval_shape(lm_lib.LM(cfg).init, jax.random.key(0),
                                      *_lm_inputs(cfg, visual_dim)))["params"]
-  return cfg, checkpoint_lib.load_params(os.path.abspath(os.path.join(directory, "params")),
+  return cfg, checkpoint_lib.load_params(os.path.join(directory, "params"),
                                          abstract)

@@ -13,6 +13,7 @@ from etils import epath
 import jax
 import numpy as np
 
+from flamingo_jax import paths
 from flamingo_jax.data import mixture
 from flamingo_jax.data import pp
 from flamingo_jax.data import tokenizer as tokenizer_lib
@@ -80,6 +81,7 @@ def few_shot(config, model, params) -> dict[str, dict[str, float]]:
 
 def evaluate(config, workdir: str) -> dict:
   """Evaluates workdir's newest checkpoint as its model kind asks; writes workdir/eval.json."""
+  config, workdir = paths.resolve_config(config), paths.resolve(workdir)
   model, params = load(config, workdir)
   if config.model_name == "contrastive":
     results = {"retrieval": retrieval(config, model, params)}

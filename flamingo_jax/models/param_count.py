@@ -1,6 +1,6 @@
 """Parameter counts per component from abstract shapes (jax.eval_shape: nothing is allocated).
 
-python -m flamingo_jax.models.param_count --config=configs/flamingo_3b.py
+python -m flamingo_jax.models.param_count --config=flamingo_jax/configs/flamingo_3b.py
 """
 import re
 

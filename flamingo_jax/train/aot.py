@@ -1,6 +1,6 @@
 """Ahead-of-time compilation of the real update step for a TPU topology, on a CPU host.
 
-python launch.py --mode=compile --config=configs/flamingo_80b.py --topology=v4-3072
+python launch.py --mode=compile --config=flamingo_jax/configs/flamingo_80b.py --topology=v4-3072
 
 Needs libtpu (`pip install "jax[tpu]"`; no TPU): `jax.experimental.topologies` gives the topology's
 abstract devices, and trainer.make_setup's jitted step is lowered with ShapeDtypeStructs (nothing is

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from flamingo_jax import paths
 from flamingo_jax.train import checkpoint as ckpt_lib
 from flamingo_jax.train import input as input_lib
 from flamingo_jax.train import kinds
@@ -170,8 +171,10 @@ class _Sigterm:
 def train(config, workdir: str) -> tuple[dict, dict, dict]:
   """Trains until config.total_steps (resuming from workdir).
 
-  Returns (train state, frozen params, the last logged metrics), e.g. for a notebook.
+  Returns (train state, frozen params, the last logged metrics), e.g. for a notebook. Relative
+  paths (workdir and the config's, `paths.CONFIG_PATH_FIELDS`) are taken from the current directory.
   """
+  config, workdir = paths.resolve_config(config), paths.resolve(workdir)
   # ----------------------------------------------------------------------- logging
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   if jax.process_index() == 0:
@@ -274,7 +277,10 @@ def train(config, workdir: str) -> tuple[dict, dict, dict]:
       if stop or step == config.total_steps or manager.should_save(step):
         check_and_log(*pending)
         pending = None
-        ckpt_lib.save(manager, step, train_state, data.get_state(), force=stop)
+        # Forced at the last step: orbax's interval check would skip a total_steps that
+        # ckpt_every does not divide.
+        ckpt_lib.save(manager, step, train_state, data.get_state(),
+                      force=stop or step == config.total_steps)
       if stop:
         break
     if pending is not None:

@@ -1,6 +1,6 @@
 """The demo's stage 2: next-token pretraining of the plain decoder on the embedded dataset's text.
 
-  python launch.py --config=configs/lm_pretrain.py --workdir=workdir/stage2 \
+  python launch.py --config=flamingo_jax/configs/lm_pretrain.py --workdir=workdir/stage2 \
     --config.input.tokenizer=workdir/tokenizer.model
 Text of captions (shapes_pairs) and documents (shapes_interleaved), plus `copy_tokens` runs (random
 text pieces repeated): the in-context copying (induction heads) that few-shot naming needs, which a
@@ -14,7 +14,7 @@ between steps ~500 and ~700 (copy gain 0.7 nats after 500 steps, 5.9 after 800).
 """
 import ml_collections
 
-from configs import demo
+from flamingo_jax.configs import demo
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

@@ -1,20 +1,20 @@
 """Flamingo-80B as in the paper (Table 1): 80-layer frozen LM (D 8192, 64 heads), xattn every 7.
 
-Parameter counts: python -m flamingo_jax.models.param_count --config=configs/flamingo_80b.py
+Parameter counts: python -m flamingo_jax.models.param_count --config=flamingo_jax/configs/flamingo_80b.py
 
 Training (set config.input.tokenizer and the batch sizes for the hardware):
-python launch.py --config=configs/flamingo_80b.py --workdir=gs://BUCKET/flamingo_80b \
+python launch.py --config=flamingo_jax/configs/flamingo_80b.py --workdir=gs://BUCKET/flamingo_80b \
   --config.input.tokenizer=TOKENIZER --config.vision_init=NFNET_CKPT --config.lm_init=LM_CKPT
 
 Per-chip memory on the paper's 1,536 TPUv4 chips (16-way model parallelism, so 96 data-parallel
 groups: the batch sizes become multiples of 96; benchmarks/AOT.md):
-python launch.py --mode=compile --config=configs/flamingo_80b.py --topology=v4-3072 \
+python launch.py --mode=compile --config=flamingo_jax/configs/flamingo_80b.py --topology=v4-3072 \
   --config.input.datasets.m3w.batch_size=288 --config.input.datasets.align.batch_size=576 \
   --config.input.datasets.ltip.batch_size=576 --config.input.datasets.vtp.batch_size=96
 """
 import ml_collections
 
-from configs import common
+from flamingo_jax.configs import common
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

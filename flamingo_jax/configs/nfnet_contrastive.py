@@ -1,6 +1,6 @@
 """The demo's stage 1: contrastive NFNet + text tower (paper App. B.1.3) on shapes_pairs.
 
-  python launch.py --config=configs/nfnet_contrastive.py --workdir=workdir/stage1 \
+  python launch.py --config=flamingo_jax/configs/nfnet_contrastive.py --workdir=workdir/stage1 \
     --config.input.tokenizer=workdir/tokenizer.model
 (flamingo_jax/demo.py runs it, reports zero-shot retrieval recall on the test split and writes the
 `{'vision': ...}` checkpoint that stage 3 loads through config.vision_init.) Everything trains;
@@ -9,7 +9,7 @@ AGC (paper: 0.01) clips the NFNet's gradients. `:short` is the end-to-end test's
 """
 import ml_collections
 
-from configs import demo
+from flamingo_jax.configs import demo
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

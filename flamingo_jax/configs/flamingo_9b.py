@@ -1,14 +1,14 @@
 """Flamingo-9B as in the paper (Table 1): 40-layer frozen LM (D 4096, 32 heads), xattn every 4.
 
-Parameter counts: python -m flamingo_jax.models.param_count --config=configs/flamingo_9b.py
+Parameter counts: python -m flamingo_jax.models.param_count --config=flamingo_jax/configs/flamingo_9b.py
 
 Training (set config.input.tokenizer and the batch sizes for the hardware):
-python launch.py --config=configs/flamingo_9b.py --workdir=gs://BUCKET/flamingo_9b \
+python launch.py --config=flamingo_jax/configs/flamingo_9b.py --workdir=gs://BUCKET/flamingo_9b \
   --config.input.tokenizer=TOKENIZER --config.vision_init=NFNET_CKPT --config.lm_init=LM_CKPT
 """
 import ml_collections
 
-from configs import common
+from flamingo_jax.configs import common
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

@@ -1,12 +1,12 @@
 """A tiny Flamingo that trains in seconds on a CPU (synthetic batches); tests and smoke runs use it.
 
-python launch.py --config=configs/tiny.py --workdir=/tmp/flamingo_tiny
-python launch.py --config=configs/tiny.py --workdir=/tmp/flamingo_tiny_2p \
+python launch.py --config=flamingo_jax/configs/tiny.py --workdir=/tmp/flamingo_tiny
+python launch.py --config=flamingo_jax/configs/tiny.py --workdir=/tmp/flamingo_tiny_2p \
   --mode=local_multiprocess --num_processes=2
 """
 import ml_collections
 
-from configs import common
+from flamingo_jax.configs import common
 
 
 def get_model_config() -> ml_collections.ConfigDict:

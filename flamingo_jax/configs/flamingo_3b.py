@@ -1,14 +1,14 @@
 """Flamingo-3B as in the paper (Table 1): 24-layer frozen LM (D 2048, 16 heads), xattn every 1.
 
-Parameter counts: python -m flamingo_jax.models.param_count --config=configs/flamingo_3b.py
+Parameter counts: python -m flamingo_jax.models.param_count --config=flamingo_jax/configs/flamingo_3b.py
 
 Training (set config.input.tokenizer and the batch sizes for the hardware):
-python launch.py --config=configs/flamingo_3b.py --workdir=gs://BUCKET/flamingo_3b \
+python launch.py --config=flamingo_jax/configs/flamingo_3b.py --workdir=gs://BUCKET/flamingo_3b \
   --config.input.tokenizer=TOKENIZER --config.vision_init=NFNET_CKPT --config.lm_init=LM_CKPT
 """
 import ml_collections
 
-from configs import common
+from flamingo_jax.configs import common
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
