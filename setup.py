@@ -33,7 +33,7 @@ setuptools.setup(
     ],
     extras_require={
         # Peers used only by parity tests and benchmarks. torch and torchvision are pinned together:
-        # an unpinned torch pulls a multi-GB CUDA build (see ../shared/PEERS.md). open-flamingo's own
+        # an unpinned torch pulls a multi-GB CUDA build (docs/PEERS.md). open-flamingo's own
         # pins conflict with torch 2.13, so scripts/setup_env.sh installs it with --no-deps.
         "test": [
             "pytest>=8.0",

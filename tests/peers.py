@@ -2,7 +2,7 @@
 
 
 def patch_torchvision_ops():
-  """Lets `import torchvision` work beside CPU torch (see shared/PEERS.md).
+  """Lets `import torchvision` work beside CPU torch (docs/PEERS.md).
 
   The only torchvision 0.28 wheel is a CUDA build whose compiled ops fail to load next to CPU torch;
   its import then dies registering fake kernels for `torchvision::nms`/`qnms`. Declaring the two

@@ -1,10 +1,13 @@
 """The update step and the training loop (flamingo_jax/train/trainer.py)."""
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
+from flamingo_jax.configs import flamingo_3b
 from flamingo_jax.configs import tiny
 from flamingo_jax.train import trainer
 from flamingo_jax.train.kinds import flamingo as flamingo_kind
@@ -78,6 +81,20 @@ def test_bad_config_fails_at_startup(tmp_path, field, value, message):
   node[leaf] = value
   with pytest.raises((ValueError, FileNotFoundError), match=message):
     trainer.train(config, str(tmp_path))
+  assert not (tmp_path / "checkpoints").exists()
+
+
+def test_paper_config_names_its_required_fields(tmp_path):
+  """The 3B config trains on nothing it was not told: datasets and tokenizer are required."""
+  config = flamingo_3b.get_config()
+  config.model = tiny.get_model_config()
+  config.mesh = (-1, 1, 1)
+  with pytest.raises(ValueError) as error:
+    trainer.train(config, str(tmp_path))
+  for field in ("config.input.tokenizer", "config.input.datasets.m3w.tfds_name",
+                "config.input.datasets.vtp.tfds_name"):
+    assert field in str(error.value)
+  assert re.search(r"--config\.input\.datasets\.\w+\.tfds_name=", str(error.value))  # To copy.
   assert not (tmp_path / "checkpoints").exists()
 
 

@@ -80,23 +80,25 @@ def training(total_steps: int) -> ml_collections.ConfigDict:
 
 def paper_input(image_size: int) -> ml_collections.ConfigDict:
   """The paper's mixture (λ: M3W 1.0, ALIGN 0.2, LTIP 0.2, VTP 0.03; M3W 256 tokens, ≤5 images;
-  pairs 32 tokens; video 8 frames), read from the embedded demo datasets that stand in for them.
+  pairs 32 tokens; video 8 frames; App. A.3).
 
-  Batch sizes are placeholders to set for the hardware; the tokenizer path must be given.
+  The datasets (TFDS names, e.g. prepared from the user's own files) and the tokenizer are required
+  fields ('' until set): training stops at once with an error naming each one that is missing.
+  Batch sizes are placeholders to set for the hardware.
   """
   img = f"decode|resize_pad({image_size})|value_range(-1, 1)"
   return ml_collections.ConfigDict(dict(
       kind="tfds",
-      tokenizer="",  # SentencePiece model or HF tokenizer.json (flamingo_jax/data/tokenizer.py).
+      tokenizer="",  # Required: SentencePiece model or HF tokenizer.json (data/tokenizer.py).
       num_workers=8,
-      datasets=dict(
-          m3w=dict(tfds_name="shapes_interleaved", split="train", batch_size=256, weight=1.0,
+      datasets=dict(  # tfds_name is required for each; data_dir: where it is prepared.
+          m3w=dict(tfds_name="", data_dir="", split="train", batch_size=256, weight=1.0,
                    pp=f"{img}|tokenize_document(max_len=256, max_media=5)"),
-          align=dict(tfds_name="shapes_pairs", split="train", batch_size=512, weight=0.2,
+          align=dict(tfds_name="", data_dir="", split="train", batch_size=512, weight=0.2,
                      pp=f"{img}|tokenize_pair(max_len=32)"),
-          ltip=dict(tfds_name="shapes_pairs", split="train", batch_size=512, weight=0.2,
+          ltip=dict(tfds_name="", data_dir="", split="train", batch_size=512, weight=0.2,
                     pp=f"{img}|tokenize_pair(max_len=64)"),
-          vtp=dict(tfds_name="shapes_video", split="train", batch_size=64, weight=0.03,
+          vtp=dict(tfds_name="", data_dir="", split="train", batch_size=64, weight=0.03,
                    pp=f"sample_frames(8)|{img}|tokenize_video(max_len=32)"),
       ),
   ))

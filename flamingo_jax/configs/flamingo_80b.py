@@ -2,9 +2,11 @@
 
 Parameter counts: python -m flamingo_jax.models.param_count --config=flamingo_jax/configs/flamingo_80b.py
 
-Training (set config.input.tokenizer and the batch sizes for the hardware):
+Training (name the prepared datasets and the tokenizer; set the batch sizes for the hardware):
 python launch.py --config=flamingo_jax/configs/flamingo_80b.py --workdir=gs://BUCKET/flamingo_80b \
-  --config.input.tokenizer=TOKENIZER --config.vision_init=NFNET_CKPT --config.lm_init=LM_CKPT
+  --config.input.tokenizer=TOKENIZER --config.vision_init=NFNET_CKPT --config.lm_init=LM_CKPT \
+  --config.input.datasets.m3w.tfds_name=M3W --config.input.datasets.align.tfds_name=ALIGN \
+  --config.input.datasets.ltip.tfds_name=LTIP --config.input.datasets.vtp.tfds_name=VTP
 
 Per-chip memory on the paper's 1,536 TPUv4 chips (16-way model parallelism, so 96 data-parallel
 groups: the batch sizes become multiples of 96; benchmarks/AOT.md):

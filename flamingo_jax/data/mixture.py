@@ -185,7 +185,7 @@ def make_mixture(datasets: Mapping[str, Mapping[str, Any]], *,
     state: a `get_state()` to resume from.
   """
   _check_config(datasets)
-  sources = {name: open_source(cfg["tfds_name"], cfg["split"], cfg.get("data_dir"))
+  sources = {name: open_source(cfg["tfds_name"], cfg["split"], cfg.get("data_dir") or None)
              for name, cfg in datasets.items()}
   sources = {name: list(source) if datasets[name].get("cache") else source
              for name, source in sources.items()}

@@ -82,8 +82,24 @@ def check_batch_sizes(config, mesh) -> None:
           f"{mesh.shape['fsdp']}).")
 
 
+def check_required(config) -> None:
+  """A TFDS input names its tokenizer and every dataset (the paper configs leave them '')."""
+  missing = [] if config.input.tokenizer else ["config.input.tokenizer"]
+  missing += [f"config.input.datasets.{name}.tfds_name"
+              for name, cfg in config.input.datasets.items() if not cfg.tfds_name]
+  if missing:
+    name = next(iter(config.input.datasets))
+    raise ValueError(
+        f"Required config fields are not set: {', '.join(missing)}. Name the prepared datasets "
+        f"and the tokenizer, e.g. --config.input.tokenizer=/data/tokenizer.model "
+        f"--config.input.datasets.{name}.tfds_name=my_{name} "
+        f"--config.input.datasets.{name}.data_dir=gs://BUCKET/tensorflow_datasets")
+
+
 def make_input(config, mesh):
   """The input named by config.input.kind ('synthetic' | 'tfds'), checked against the mesh."""
+  if config.input.kind == "tfds":
+    check_required(config)
   check_batch_sizes(config, mesh)
   if config.input.kind == "synthetic":
     return Synthetic(config.input.datasets, seed=config.seed, image_size=config.image_size,
