@@ -27,10 +27,7 @@ def test_closed_gates_give_exactly_the_frozen_lm(setup):
   model, _, params, forward, (images, tokens, media_idx) = setup
   closed = model_utils.set_gates(params, 0.0)
   plain_cfg = lm.make_config({**model.lm.__dict__, "xattn": None})
-  layer_trees, _ = lm.split_layers(closed["lm"], model.lm)
-  plain = {k: v for k, v in closed["lm"].items() if k not in ("groups", "tail", "layers")}
-  plain.update(lm.join_layers(layer_trees, [], plain_cfg))
-  want = lm.LM(plain_cfg).apply({"params": plain}, tokens)
+  want = lm.LM(plain_cfg).apply({"params": lm.to_plain(closed["lm"])}, tokens)
   for seed in (1, 2):  # Any images. (Equal up to XLA's float reassociation across programs.)
     other_images = model_utils.random_inputs(seed)[0]
     np.testing.assert_allclose(forward(closed, other_images, tokens, media_idx), want, rtol=1e-5,

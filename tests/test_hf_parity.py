@@ -1,8 +1,10 @@
 """Converted Hugging Face causal LMs match transformers on tiny random models (float32, offline)."""
+import dataclasses
 import functools
 import json
 import os
 
+import flax.linen as nn
 import jax
 import numpy as np
 import pytest
@@ -13,6 +15,7 @@ import transformers
 
 from flamingo_jax.convert import hf
 from flamingo_jax.models import lm as lm_lib
+from flamingo_jax.train import state as state_lib
 
 pytestmark = pytest.mark.parity
 V = 100  # Base vocabulary of the tiny models.
@@ -111,14 +114,18 @@ def test_tokenizer_specials_get_new_rows_after_its_vocabulary(tmp_path):
 
 @pytest.mark.parametrize("placement,xattn_layers", [("paper", [0, 2]), ("open_flamingo", [1])])
 def test_xattn_blocks_with_zero_gates_keep_the_lm(tmp_path, placement, xattn_layers):
+  """The converted plain LM regrouped (`lm.to_layout`) beside fresh xattn blocks, gates at 0."""
   model = tiny_hf_lm(tmp_path, "llama", num_hidden_layers=3)
-  cfg, params = hf.load_hf_lm(str(tmp_path), xattn=dict(every=2, placement=placement, num_heads=2,
-                                                        head_dim=16), visual_dim=24)
+  plain_cfg, plain = hf.load_hf_lm(str(tmp_path))
+  cfg = dataclasses.replace(plain_cfg, xattn=lm_lib.XattnConfig(
+      every=2, placement=placement, num_heads=2, head_dim=16))
   assert lm_lib.xattn_layer_indices(cfg) == xattn_layers
   tokens = random_tokens()
   rng = np.random.default_rng(1)
   visual = rng.normal(size=(2, 2, cfg.num_latents, 24)).astype(np.float32)
   media_idx = np.sort(rng.integers(0, 3, tokens.shape), axis=1).astype(np.int32)
+  fresh = jax.jit(lm_lib.LM(cfg).init)(jax.random.key(0), tokens, visual, media_idx)["params"]
+  params = state_lib.merge(nn.unbox(fresh), lm_lib.to_layout(plain, cfg))
   err = rel_error(apply(cfg, params, tokens, visual, media_idx), hf_logits(model, tokens))
   print(f"llama + xattn ({placement}): relative error {err:.2e}")
   assert err <= 1e-4

@@ -1,12 +1,11 @@
 """Converts a checkpoint once into ours: an orbax params checkpoint plus its config as JSON.
 
-  python -m flamingo_jax.convert hf --src path/to/hf_model --dst path/to/lm
-      [--num_new_tokens N] [--xattn_every 4 --xattn_placement paper --visual_dim 1536]
+  python -m flamingo_jax.convert hf --src path/to/hf_model --dst path/to/lm [--num_new_tokens N]
 
 writes dst/params (orbax), dst/lm_config.json (an LMConfig, for configs to reference) and copies the
-tokenizer files, so dst is self-contained; `hf.load_converted(dst[, visual_dim])` reads it back.
-Without --xattn_every the LM is plain, and one conversion serves every xattn placement
-(`hf.add_xattn`).
+tokenizer files, so dst is self-contained; `hf.load_converted(dst)` reads it back. The LM is plain,
+so one conversion serves every xattn placement: `--config.lm_init=dst` loads it into a Flamingo
+whose config.model.lm agrees with lm_config.json (train/kinds/flamingo.py).
 """
 import argparse
 import os
@@ -19,12 +18,7 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_m
 
 
 def _hf(args):
-  xattn = None
-  if args.xattn_every:
-    xattn = {"every": args.xattn_every, "placement": args.xattn_placement}
-    xattn |= {k: v for k, v in (("num_heads", args.xattn_num_heads),
-                                ("head_dim", args.xattn_head_dim)) if v is not None}
-  cfg, params = hf.load_hf_lm(args.src, args.num_new_tokens, xattn, args.visual_dim)
+  cfg, params = hf.load_hf_lm(args.src, args.num_new_tokens)
   hf.save_converted(args.dst, cfg, params)
   for name in _TOKENIZER_FILES:
     if os.path.exists(os.path.join(args.src, name)):
@@ -42,13 +36,6 @@ def main(argv=None):
   p.add_argument("--dst", required=True, type=paths.resolve, help="Output directory.")
   p.add_argument("--num_new_tokens", type=int, default=None,
                  help="Trainable new token rows (default: as many as the tokenizer adds, else 2).")
-  p.add_argument("--xattn_every", type=int, default=None,
-                 help="Add fresh gated xattn blocks every n layers (default: a plain LM).")
-  p.add_argument("--xattn_placement", default="paper", choices=("paper", "open_flamingo"))
-  p.add_argument("--xattn_num_heads", type=int, default=None)
-  p.add_argument("--xattn_head_dim", type=int, default=None)
-  p.add_argument("--visual_dim", type=int, default=None,
-                 help="Width of the resampler's output tokens (needed with --xattn_every).")
   p.set_defaults(run=_hf)
   args = parser.parse_args(argv)
   args.run(args)

@@ -188,16 +188,6 @@ def _fit(value: np.ndarray, shape: tuple[int, ...], path: str) -> np.ndarray:
   return value.reshape(shape) if value.shape == want else value
 
 
-def _lm_inputs(cfg: lm_lib.LMConfig, visual_dim: int | None = None) -> tuple[jax.Array, ...]:
-  """Dummy (tokens[, visual, media_idx]) that build an LM of config `cfg` (init, eval_shape)."""
-  tokens = jnp.zeros((1, 1), jnp.int32)
-  if cfg.xattn is None:
-    return (tokens,)
-  if visual_dim is None:
-    raise ValueError("An LM with xattn blocks needs visual_dim (the resampler's token width).")
-  return tokens, jnp.zeros((1, 1, cfg.num_latents, visual_dim)), jnp.ones((1, 1), jnp.int32)
-
-
 def convert(state_dict: dict[str, np.ndarray], hf_config: dict, num_new_tokens: int = 2,
             vocab_size: int | None = None) -> tuple[lm_lib.LMConfig, dict]:
   """(LMConfig, plain-LM params) from an HF state dict and its config.json contents.
@@ -224,8 +214,7 @@ def convert(state_dict: dict[str, np.ndarray], hf_config: dict, num_new_tokens: 
   top = {k: (v, {"token_embed": rows, "lm_head/kernel": lambda w: rows(w).T}.get(k, _same))
          for k, v in top.items()}
 
-  shapes = nn.unbox(jax.eval_shape(lm_lib.LM(cfg).init, jax.random.key(0), *_lm_inputs(cfg)))
-  shapes = traverse_util.flatten_dict(shapes["params"], sep="/")
+  shapes = traverse_util.flatten_dict(_abstract_params(cfg), sep="/")
   abstract = {k: s for k, s in shapes.items() if not k.startswith(("layers/", "new_"))}
   spec = dict(top)
   for i in range(cfg.num_layers):  # Per layer: the stacked shapes without their leading axis.
@@ -243,33 +232,15 @@ def convert(state_dict: dict[str, np.ndarray], hf_config: dict, num_new_tokens: 
           1, keepdims=True), shapes["new_lm_head/kernel"].shape).copy()}
   layers = params.pop("layers")
   layer_trees = [layers[str(i)] for i in range(cfg.num_layers)]
-  return cfg, {**params, **lm_lib.join_layers(layer_trees, [], cfg)}
+  return cfg, {**params, "layers": jax.tree.map(lambda *a: np.stack(a), *layer_trees)}
 
 
-def add_xattn(cfg: lm_lib.LMConfig, params: dict, xattn: dict, visual_dim: int | None,
-              seed: int = 0) -> tuple[lm_lib.LMConfig, dict]:
-  """The plain LM with freshly initialised gated xattn blocks (gates at 0: still the same LM).
-
-  `xattn` holds XattnConfig fields; `visual_dim` is the width of the resampler's output tokens.
-  """
-  xcfg = lm_lib.make_config({**dataclasses.asdict(cfg), "xattn": xattn})
-  inputs = _lm_inputs(xcfg, visual_dim)
-  # Only the xattn trees are returned, so XLA drops the (discarded) LM initialisation.
-  init = lambda key: lm_lib.split_layers(
-      nn.unbox(lm_lib.LM(xcfg).init(key, *inputs)["params"]), xcfg)[1]
-  xattn_trees = jax.jit(init)(jax.random.key(seed))
-  layer_trees, _ = lm_lib.split_layers(params, cfg)
-  rest = {k: v for k, v in params.items() if k != "layers"}
-  return xcfg, {**rest, **lm_lib.join_layers(layer_trees, xattn_trees, xcfg)}
-
-
-def load_hf_lm(path: str, num_new_tokens: int | None = None, xattn: dict | None = None,
-               visual_dim: int | None = None, seed: int = 0) -> tuple[lm_lib.LMConfig, dict]:
-  """(LMConfig, params) of the HF causal LM in directory `path` (config.json + *.safetensors).
+def load_hf_lm(path: str, num_new_tokens: int | None = None) -> tuple[lm_lib.LMConfig, dict]:
+  """(LMConfig, plain-LM params) of the HF causal LM in directory `path` (config.json +
+  *.safetensors); one conversion serves every xattn placement (`lm.to_layout`).
 
   num_new_tokens: rows of `new_token_embed`; by default as many as the tokenizer in `path` adds
-  (2, `<image>` and `<EOC>`, without a tokenizer.json). With `xattn` (XattnConfig fields) and
-  `visual_dim`, the params include freshly initialised xattn blocks (`add_xattn`).
+  (2, `<image>` and `<EOC>`, without a tokenizer.json).
   """
   config_file = os.path.join(path, "config.json")
   if not os.path.isfile(config_file):
@@ -290,26 +261,29 @@ def load_hf_lm(path: str, num_new_tokens: int | None = None, xattn: dict | None 
     tok = tokenizer_lib.load_tokenizer(path)
     vocab_size = tok.vocab_size
     num_new_tokens = tok.num_new_tokens if num_new_tokens is None else num_new_tokens
-  cfg, params = convert(safetensors_io.load(path), hf_config,
-                        2 if num_new_tokens is None else num_new_tokens, vocab_size)
-  return (cfg, params) if xattn is None else add_xattn(cfg, params, xattn, visual_dim, seed)
+  return convert(safetensors_io.load(path), hf_config,
+                 2 if num_new_tokens is None else num_new_tokens, vocab_size)
+
+
+def _abstract_params(cfg: lm_lib.LMConfig) -> dict:
+  """ShapeDtypeStructs of the plain LM's parameters."""
+  init = lambda key: lm_lib.LM(cfg).init(key, jnp.zeros((1, 1), jnp.int32))
+  return nn.unbox(jax.eval_shape(init, jax.random.key(0)))["params"]
 
 
 def save_converted(directory: str, cfg: lm_lib.LMConfig, params: dict):
-  """Writes `params` (orbax, in directory/params) and the LMConfig (directory/lm_config.json)."""
+  """Writes `params` (orbax, in directory/params) and the LMConfig (directory/lm_config.json):
+  what `config.lm_init` takes (train/kinds/flamingo.py)."""
   directory = paths.resolve(directory)
   os.makedirs(directory, exist_ok=True)
-  with open(os.path.join(directory, "lm_config.json"), "w") as f:
+  with open(os.path.join(directory, checkpoint_lib.LM_CONFIG), "w") as f:
     json.dump(dataclasses.asdict(cfg), f, indent=2)
-  checkpoint_lib.save_params(os.path.join(directory, "params"), params)
+  checkpoint_lib.save_params(os.path.join(directory, checkpoint_lib.LM_PARAMS), params)
 
 
-def load_converted(directory: str, visual_dim: int | None = None) -> tuple[lm_lib.LMConfig, dict]:
-  """Inverse of `save_converted`; `visual_dim` is needed when the LM has xattn blocks."""
+def load_converted(directory: str) -> tuple[lm_lib.LMConfig, dict]:
+  """Inverse of `save_converted` for the plain LM that `convert hf` writes."""
   directory = paths.resolve(directory)
-  with open(os.path.join(directory, "lm_config.json")) as f:
-    cfg = lm_lib.make_config(json.load(f))
-  abstract = nn.unbox(jax.eval_shape(lm_lib.LM(cfg).init, jax.random.key(0),
-                                     *_lm_inputs(cfg, visual_dim)))["params"]
-  return cfg, checkpoint_lib.load_params(os.path.join(directory, "params"),
-                                         abstract)
+  cfg = checkpoint_lib.read_lm_config(directory)
+  return cfg, checkpoint_lib.load_params(os.path.join(directory, checkpoint_lib.LM_PARAMS),
+                                         _abstract_params(cfg))

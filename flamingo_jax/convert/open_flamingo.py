@@ -72,7 +72,8 @@ def _attn(p: str, **norms: str) -> dict:
 def _ffw(p: str) -> dict:
   """Table of OpenFlamingo's FeedForward (LayerNorm, Linear, GELU, Linear) at `p`."""
   return {f"{p}0.weight": [("ffw/norm/scale", _same)], f"{p}0.bias": [("ffw/norm/bias", _same)],
-          f"{p}1.weight": [("ffw/wi/kernel", _linear)], f"{p}3.weight": [("ffw/wo/kernel", _linear)]}
+          f"{p}1.weight": [("ffw/wi/kernel", _linear)],
+          f"{p}3.weight": [("ffw/wo/kernel", _linear)]}
 
 
 # Tables: OpenFlamingo suffix within a layer -> [(our path within the layer, conversion)].
@@ -289,17 +290,14 @@ def _spec(tensors, resampler, cfg) -> dict:
   return spec
 
 
-def _frozen_lm(tensors, cfg, lm_cfg, lm_params, hf_state):
+def _frozen_lm(tensors, cfg, lm_params, hf_state):
   """(spec of the `lm` params HF gives, checkpoint names used, problems).
 
   The frozen LM comes from HF; copies of its weights in a full state dict must equal HF's.
   """
-  layer_trees, _ = lm_lib.split_layers(lm_params, lm_cfg)
-  tree = {k: v for k, v in lm_params.items() if k not in ("layers", "token_embed")}
+  tree = {k: v for k, v in lm_lib.to_layout(lm_params, cfg).items() if k != "token_embed"}
   if "lm_head" in tree:  # Untied, if the checkpoint lacks it: HF's rows of the old tokens.
     tree["lm_head"] = {"kernel": np.asarray(tree["lm_head"]["kernel"])[:, :cfg.vocab_size]}
-  _, groups, tail = lm_lib.xattn_layout(cfg.num_layers, cfg.xattn.every, "open_flamingo")
-  tree.update(lm_lib.join_layers(layer_trees, [{}] * (groups + (tail > 0)), cfg))
   spec = {f"lm/{k}": ([], lambda v=v: np.asarray(v))
           for k, v in traverse_util.flatten_dict(tree, sep="/").items()}
 
@@ -355,7 +353,7 @@ def convert(state: Mapping[str, np.ndarray], lm_cfg: lm_lib.LMConfig, lm_params:
   features = jax.ShapeDtypeStruct((1, 1, 1, 1, resampler["dim"]), jnp.float32)
   shapes = nn.meta.unbox(jax.eval_shape(model.init, jax.random.key(0), None, ids, ids,
                                         features=features))["params"]
-  spec, used, inconsistent = _frozen_lm(tensors, cfg, lm_cfg, lm_params, hf_state)
+  spec, used, inconsistent = _frozen_lm(tensors, cfg, lm_params, hf_state)
   # Converted from the first copy of each tensor; the others were checked equal to it.
   spec |= {name: ([origins.get(k, [k])[0] for k in keys], fn)
            for name, (keys, fn) in _spec(tensors, resampler, cfg).items()}

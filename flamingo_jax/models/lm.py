@@ -12,6 +12,8 @@ OpenFlamingo places them before layer i when (i+1) % n == 0. Both are expressed 
 with prefix = 0 (paper) or n-1 (OpenFlamingo) and G, r = divmod(num_layers - prefix, n). Layers and
 groups are `nn.scan`-ned (optionally rematerialised), so compile time does not grow with depth, and
 the placement is exact when n does not divide the depth. A plain LM (xattn=None) is all `layers`.
+Checkpoints hold the frozen LM once, in the plain layout, which serves every placement: `to_layout`
+regroups it for a model's, and `to_plain` reads any layout back (older checkpoints are grouped).
 
 Token embeddings: the frozen table `token_embed` [V, D] plus a small trainable table
 `new_token_embed` [n_new, D] for ids V..V+n_new-1 (`<image>`, `<EOC>`, ...), so the new rows learn
@@ -22,6 +24,7 @@ import math
 from typing import Any
 
 import flax.linen as nn
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -123,6 +126,25 @@ def xattn_layout(num_layers: int, every: int, placement: str) -> tuple[int, int,
   prefix = 0 if placement == "paper" else every - 1
   groups, tail = divmod(num_layers - prefix, every)
   return prefix, groups, tail
+
+
+# LMConfig fields that leave what the LM computes unchanged: its xattn blocks and their inputs,
+# precision, memory, and the context length (a learned position table's size is a shape).
+_NOT_THE_FUNCTION = ("xattn", "num_latents", "max_len", "dtype", "param_dtype", "remat_policy")
+# Fields that act only with one value of another: field -> (other field, value).
+_ONLY_WITH = {"norm_bias": ("norm", "layernorm"), "rotary_pct": ("position", "rotary"),
+              "rope_theta": ("position", "rotary"), "alibi_bias_max": ("position", "alibi")}
+
+
+def forward_fields(cfg: LMConfig) -> dict[str, Any]:
+  """The fields that set what the LM computes, defaults resolved and inactive options left out:
+  configs with equal forward_fields give equal logits from equal parameters."""
+  out = {}
+  for f in dataclasses.fields(cfg):
+    other, value = _ONLY_WITH.get(f.name, (None, None))
+    if f.name not in _NOT_THE_FUNCTION and (other is None or getattr(cfg, other) == value):
+      out[f.name] = getattr(cfg, f.name)
+  return out | {"num_kv_heads": cfg.kv_heads, "head_dim": cfg.head_size}
 
 
 def xattn_layer_indices(cfg: LMConfig) -> list[int]:
@@ -326,12 +348,9 @@ class LM(nn.Module):
           (cfg.max_len, cfg.dim), jnp.dtype(cfg.param_dtype))
       x = x + jnp.take(pos_table, positions, axis=0).astype(x.dtype)
 
-    if cfg.xattn is None:
-      prefix, groups, tail = cfg.num_layers, 0, 0
-    else:
-      prefix, groups, tail = xattn_layout(cfg.num_layers, cfg.xattn.every, cfg.xattn.placement)
-      if media_idx is None:
-        raise ValueError("media_idx is required when the LM has xattn blocks.")
+    if cfg.xattn is not None and media_idx is None:
+      raise ValueError("media_idx is required when the LM has xattn blocks.")
+    prefix, groups, tail = layer_layout(cfg)
     if prefix:
       x, _ = _layer_stack(cfg, prefix, self.decode, "layers")(x, positions, key_mask)
     if groups:
@@ -349,43 +368,85 @@ class LM(nn.Module):
     return self.head(x, table, new_table).astype(jnp.float32)
 
 
-def split_layers(params: dict, cfg: LMConfig) -> tuple[list[Any], list[Any]]:
-  """The LM's scanned layer parameters as per-layer trees: ([L layer trees], [xattn block trees]).
+def layer_layout(cfg: LMConfig) -> tuple[int, int, int]:
+  """`xattn_layout` of cfg's placement; a plain LM (xattn=None) is all prefix."""
+  if cfg.xattn is None:
+    return cfg.num_layers, 0, 0
+  return xattn_layout(cfg.num_layers, cfg.xattn.every, cfg.xattn.placement)
 
-  Converters and loaders work per layer and `join_layers` stacks them back into this model's
-  layout, so an LM checkpoint loads into any xattn placement.
+
+# The layer stacks of an LM tree in layer order, with their leading axes. A plain LM has only the
+# first; the xattn blocks beside `groups/layers` and `tail/layers` are not part of the frozen LM.
+_STACKS = (("layers/", 1), ("groups/layers/", 2), ("tail/layers/", 1))
+_XATTN = ("groups/xattn/", "tail/xattn/")
+
+
+def _stack(path: str) -> int | None:
+  """Index in _STACKS of the layer stack that holds the parameter at `path`, if any."""
+  return next((i for i, (stack, _) in enumerate(_STACKS) if path.startswith(stack)), None)
+
+
+def plain_path(path: str) -> tuple[str | None, int]:
+  """(path in the plain LM, leading layer axes) of a '/'-joined parameter path in an LM tree of
+  any layout; the path is None for an xattn block's parameters."""
+  i = _stack(path)
+  if i is not None:
+    stack, axes = _STACKS[i]
+    return "layers/" + path[len(stack):], axes
+  return (None if path.startswith(_XATTN) else path), 0
+
+
+def to_plain(params: dict) -> dict:
+  """The plain LM's tree (`layers` [L, ...]) of an LM tree in any xattn layout.
+
+  The layout comes from the tree's keys and leading dims (`layers` [P, ...], `groups/layers`
+  [G, n, ...], `tail/layers` [r, ...]), so a checkpoint written for any placement reads back. The
+  xattn blocks are dropped: they belong to one placement, and they train.
   """
-  prefix, groups, tail = (cfg.num_layers, 0, 0) if cfg.xattn is None else xattn_layout(
-      cfg.num_layers, cfg.xattn.every, cfg.xattn.placement)
-  unstack = lambda tree, n: [jax.tree_util.tree_map(lambda a, i=i: a[i], tree) for i in range(n)]
-  layer_trees, xattn_trees = [], []
-  if prefix:
-    layer_trees += unstack(params["layers"], prefix)
-  for group in unstack(params["groups"], groups) if groups else []:
-    xattn_trees.append(group["xattn"])
-    layer_trees += unstack(group["layers"], cfg.xattn.every)
-  if tail:
-    xattn_trees.append(params["tail"]["xattn"])
-    layer_trees += unstack(params["tail"]["layers"], tail)
-  return layer_trees, xattn_trees
+  stacks, out, unknown = {}, {}, []  # stacks: plain path -> {stack index: array}.
+  for path, x in traverse_util.flatten_dict(params, sep="/").items():
+    if path.startswith(_XATTN):
+      continue
+    i = _stack(path)
+    if i is not None:
+      stacks.setdefault(plain_path(path)[0], {})[i] = x
+    elif path.startswith(("groups/", "tail/")):
+      unknown.append(path)
+    else:
+      out[path] = x
+  if unknown or not stacks:
+    raise ValueError(
+        "Not an LM tree: expected the plain LM's 'layers' [L, ...] or the layers grouped for an "
+        "xattn placement, 'layers' [P, ...], 'groups' {'layers': [G, n, ...]} and 'tail' "
+        f"{{'layers': [r, ...]}}; got {sorted(unknown) if unknown else sorted(params)}.")
+  layouts = {plain: tuple((_STACKS[i][0], x.shape[:_STACKS[i][1]]) for i, x in sorted(s.items()))
+             for plain, s in stacks.items()}
+  if len(set(layouts.values())) > 1:
+    raise ValueError("The LM's layer stacks disagree on the layout: " + "; ".join(
+        f"{plain} {layout}" for plain, layout in sorted(layouts.items())))
+  for plain, s in stacks.items():
+    arrays = [x.reshape(-1, *x.shape[_STACKS[i][1]:]) for i, x in sorted(s.items())]
+    out[plain] = arrays[0] if len(arrays) == 1 else jnp.concatenate(arrays)
+  return traverse_util.unflatten_dict(out, sep="/")
 
 
-def join_layers(layer_trees: list[Any], xattn_trees: list[Any], cfg: LMConfig) -> dict:
-  """Inverse of `split_layers`: {'layers'?, 'groups'?, 'tail'?} in this config's layout."""
-  prefix, groups, tail = (cfg.num_layers, 0, 0) if cfg.xattn is None else xattn_layout(
-      cfg.num_layers, cfg.xattn.every, cfg.xattn.placement)
-  if len(layer_trees) != cfg.num_layers or len(xattn_trees) != groups + (tail > 0):
-    raise ValueError(f"Expected {cfg.num_layers} layers and {groups + (tail > 0)} xattn blocks; "
-                     f"got {len(layer_trees)} and {len(xattn_trees)}.")
-  stack = lambda trees: jax.tree_util.tree_map(lambda *a: jnp.stack(a), *trees)
+def to_layout(params: dict, cfg: LMConfig) -> dict:
+  """An LM tree in any layout (`to_plain`) stacked for cfg's xattn placement: the frozen LM part
+  of `LM(cfg)`'s parameters (everything but the xattn blocks)."""
+  prefix, groups, tail = layer_layout(cfg)
+  grouped = cfg.num_layers - tail  # Layers in the prefix and the groups.
   out = {}
-  if prefix:
-    out["layers"] = stack(layer_trees[:prefix])
-  if groups:
-    n = cfg.xattn.every
-    out["groups"] = stack([
-        {"xattn": xattn_trees[g], "layers": stack(layer_trees[prefix + g * n:prefix + (g + 1) * n])}
-        for g in range(groups)])
-  if tail:
-    out["tail"] = {"xattn": xattn_trees[-1], "layers": stack(layer_trees[-tail:])}
-  return out
+  for path, x in traverse_util.flatten_dict(to_plain(params), sep="/").items():
+    if not path.startswith("layers/"):
+      out[path] = x
+      continue
+    if x.shape[0] != cfg.num_layers:
+      raise ValueError(f"{path} stacks {x.shape[0]} layers; lm.num_layers={cfg.num_layers}.")
+    leaf = path[len("layers/"):]
+    if prefix:
+      out[f"layers/{leaf}"] = x[:prefix]
+    if groups:
+      out[f"groups/layers/{leaf}"] = x[prefix:grouped].reshape(groups, -1, *x.shape[1:])
+    if tail:
+      out[f"tail/layers/{leaf}"] = x[grouped:]
+  return traverse_util.unflatten_dict(out, sep="/")

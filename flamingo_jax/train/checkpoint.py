@@ -2,13 +2,15 @@
 
 A step directory holds two items: 'state' (trainable params, optimizer state, step, RNG; arrays) and
 'data' (the input iterator's state, JSON). Frozen backbones are never in it: they are parameter
-trees written by `save_params` (converters do the same) and read at start by `load_params`. Loading never
-unpickles: arrays come from OCDBT/TensorStore, the rest is JSON.
+trees written by `save_params` (converters do the same) and read at start by `load_params`. A
+converted LM is a directory: its parameter tree in LM_PARAMS and its LMConfig as JSON in LM_CONFIG.
+Loading never unpickles: arrays come from OCDBT/TensorStore, the rest is JSON.
 
 A newest checkpoint that cannot be read is moved to `workdir/checkpoints_corrupt/` with a warning
-and the previous one is used; nothing is deleted. One whose shapes differ from the model's is an error
-naming the paths, and is left as it is.
+and the previous one is used; nothing is deleted. One whose shapes differ from the model's is an
+error naming the paths, and is left as it is.
 """
+import json
 from typing import Any
 
 from absl import logging
@@ -17,6 +19,9 @@ import jax
 from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 
+from flamingo_jax.models import lm as lm_lib
+
+LM_PARAMS, LM_CONFIG = "params", "lm_config.json"  # In a converted LM's directory.
 
 
 # Replica-parallel saving slices every replicated array with one compiled slice per shape: below
@@ -49,16 +54,20 @@ def stored_leaves(path: epath.PathLike) -> dict[str, Any]:
   return _leaves_by_path(ocp.StandardCheckpointer().metadata(epath.Path(path)).item_metadata.tree)
 
 
-def check_tree(path: epath.PathLike, abstract: Any) -> None:
-  """Raises ShapeMismatchError naming every missing, unexpected or differently shaped leaf."""
-  stored = stored_leaves(path)
-  wanted = _leaves_by_path(abstract)
+def shape_problems(stored: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
+  """Every leaf missing, unexpected or differently shaped in `stored` ({path: leaf with .shape})."""
   problems = [f"{k}: missing in the checkpoint" for k in sorted(set(wanted) - set(stored))]
   problems += [f"{k}: in the checkpoint but not in the model"
                for k in sorted(set(stored) - set(wanted))]
   problems += [f"{k}: checkpoint {tuple(stored[k].shape)} != model {tuple(wanted[k].shape)}"
                for k in sorted(set(stored) & set(wanted))
                if tuple(stored[k].shape) != tuple(wanted[k].shape)]
+  return problems
+
+
+def check_tree(path: epath.PathLike, abstract: Any) -> None:
+  """Raises ShapeMismatchError naming every missing, unexpected or differently shaped leaf."""
+  problems = shape_problems(stored_leaves(path), _leaves_by_path(abstract))
   if problems:
     raise ShapeMismatchError(f"Checkpoint {path} does not match the model ({len(problems)} "
                              "problems; is it from another config?):\n  " + "\n  ".join(problems))
@@ -71,6 +80,19 @@ def load_params(path: str, abstract: Any) -> Any:
     raise FileNotFoundError(f"No parameter checkpoint at {path}.")
   check_tree(path, abstract)
   return ocp.StandardCheckpointer().restore(path, abstract)
+
+
+def restore_leaves(path: epath.PathLike, abstract: Any) -> Any:
+  """The leaves of `abstract` (ShapeDtypeStructs, part of the stored tree) with its dtypes and
+  shardings; the checkpoint's other leaves are not read. Shapes are the caller's to check."""
+  return ocp.PyTreeCheckpointer().restore(epath.Path(path), args=ocp.args.PyTreeRestore(
+      item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+      partial_restore=True))
+
+
+def read_lm_config(directory: epath.PathLike) -> lm_lib.LMConfig:
+  """The LMConfig of the converted LM in `directory`."""
+  return lm_lib.make_config(json.loads((epath.Path(directory) / LM_CONFIG).read_text()))
 
 
 def make_manager(workdir: str, config) -> ocp.CheckpointManager:
