@@ -1,4 +1,5 @@
-"""The one entry point: python launch.py --config=flamingo_jax/configs/tiny.py --workdir=DIR [--config.x=v ...].
+"""The one entry point:
+  python launch.py --config=flamingo_jax/configs/tiny.py --workdir=DIR [--config.x=v ...]
 
 Modes (each a small function in MODES):
   train               train here (all of this host's devices); re-running the command resumes.
@@ -23,7 +24,8 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (flamingo_jax/configs/*.py[:arg]).",
+_CONFIG = config_flags.DEFINE_config_file("config", None,
+                                          "Config file (flamingo_jax/configs/*.py[:arg]).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and logs go here.")
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "local_multiprocess", "tpu_pod", "compile",
@@ -48,7 +50,7 @@ _MODE_FLAGS = ("--mode", "--num_processes", "--process_id", "--coordinator", "--
 
 def _train_argv(argv: list[str]) -> list[str]:
   """argv without the mode flags: the training command's own flags (config, workdir, overrides)."""
-  return [a for a in argv[1:] if not a.split("=")[0] in _MODE_FLAGS]
+  return [a for a in argv[1:] if a.split("=")[0] not in _MODE_FLAGS]
 
 
 def train(argv):

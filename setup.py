@@ -38,6 +38,8 @@ setuptools.setup(
         "test": [
             "pytest>=8.0",
             "pytest-xdist>=3.6",
+            "ruff>=0.17",  # tests/test_style.py: ruff.toml
+            "import-linter>=2.16",  # tests/test_style.py: .importlinter
             "torch==2.13.0",
             "torchvision==0.28.0",
             "transformers>=4.57.6,<5",

@@ -58,7 +58,8 @@ print("REPORTS" + json.dumps(reports))
 def run_row(config: str, topology: str, overrides) -> list[dict]:
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
   result = subprocess.run(
-      [sys.executable, "-c", CHILD, topology, f"--config=flamingo_jax/configs/{config}.py", *overrides],
+      [sys.executable, "-c", CHILD, topology, f"--config=flamingo_jax/configs/{config}.py",
+       *overrides],
       cwd=ROOT, env=env, capture_output=True, text=True, check=False)
   lines = [l for l in result.stdout.splitlines() if l.startswith("REPORTS")]
   if not lines:
@@ -88,8 +89,9 @@ def write_markdown(lines: list[str]) -> None:
   path.write_text(
       "# Ahead-of-time compilation for TPU topologies\n\n"
       f"```\npython {pathlib.Path(__file__).relative_to(ROOT)}\n```\n\n"
-      "The real update step (all the config's datasets, accumulated) compiled for each topology on a "
-      f"{os.cpu_count()}-core CPU host with libtpu, no TPU. Per chip, from XLA's memory analysis: "
+      "The real update step (all the config's datasets, accumulated) compiled for each topology "
+      f"on a {os.cpu_count()}-core CPU host with libtpu, no TPU. Per chip, from XLA's memory "
+      "analysis: "
       "arguments, outputs, temporaries and total = arguments + outputs − donated + temporaries, "
       "against the chip's HBM. FLOPs per step: model FLOPs counted on the jaxpr, all chips. "
       "Compile s: lower + compile, on a shared host (a loaded host compiles slower).\n\n"

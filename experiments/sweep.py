@@ -4,7 +4,7 @@
   python -m experiments.sweep --sweep=xattn_every --workdir=W [--short]
   python -m experiments.sweep --sweep=all --workdir=W
 
-Every variant is the demo's stage 3 (flamingo_jax/demo.py:stage3: same tokenizer, same frozen
+Every variant is the demo's stage 3 (flamingo_jax/demo/run.py:stage3: same tokenizer, same frozen
 stage-1 NFNet and stage-2 LM) trained in W/experiments/<sweep>/<variant> and evaluated few-shot;
 the baseline is the same run in every sweep, so it trains once, in W/experiments/baseline. A
 variant whose results.json exists is skipped; a half-trained one resumes. The tables go to
@@ -16,18 +16,14 @@ import os
 from absl import app
 from absl import flags
 from absl import logging
-import orbax.checkpoint as ocp
 
 from experiments import sweeps
-from flamingo_jax import demo
+from flamingo_jax.demo import run as demo
 from flamingo_jax import paths
-from flamingo_jax.eval import report
-from flamingo_jax.models import flamingo
-from flamingo_jax.models import lm as lm_lib
-from flamingo_jax.train import checkpoint as ckpt_lib
+from flamingo_jax.demo import report
 
 _SWEEP = flags.DEFINE_string("sweep", "all", f"One of {sorted(sweeps.SWEEPS)}, or 'all'.")
-FLAGS = flags.FLAGS  # --workdir (the demo's) and --short (flamingo_jax/configs/demo.py:short) are the demo's.
+FLAGS = flags.FLAGS  # --workdir and --short (configs/demo.py:short) are the demo's flags.
 
 
 def check_workdir(workdir: str) -> None:
@@ -44,19 +40,6 @@ def variant_dir(workdir: str, sweep: str, variant: sweeps.Variant) -> str:
   return os.path.join(workdir, "experiments", sweep, variant.name)
 
 
-def relayout_lm(src: str, dst: str, src_config, config) -> None:
-  """Writes the frozen LM checkpoint `src` (src_config's xattn layout) at `dst` in config's."""
-  lm = ocp.StandardCheckpointer().restore(os.path.abspath(src))["lm"]
-  src_cfg = flamingo.lm_config(src_config.model)
-  stacks = {k: v if k == "layers" else {**v, "xattn": {}}  # The checkpoint has no xattn blocks.
-            for k, v in lm.items() if k in ("layers", "groups", "tail")}
-  layer_trees, _ = lm_lib.split_layers(stacks, src_cfg)
-  plain_cfg = lm_lib.make_config({**src_cfg.__dict__, "xattn": None})
-  plain = {k: v for k, v in lm.items() if k not in stacks}
-  plain.update(lm_lib.join_layers(layer_trees, [], plain_cfg))
-  ckpt_lib.save_params(os.path.abspath(dst), demo.lm_backbone(plain, config))
-
-
 def run_variant(workdir: str, sweep: str, variant: sweeps.Variant, short: bool) -> dict:
   """Trains and evaluates one variant (or reads its results.json); returns its results."""
   out = variant_dir(workdir, sweep, variant)
@@ -70,12 +53,6 @@ def run_variant(workdir: str, sweep: str, variant: sweeps.Variant, short: bool) 
     logging.info("%s: done before, skipping (%s).", variant.name, path)
     return results
   config = sweeps.get_config(variant, short)
-  baseline = sweeps.get_config(sweeps.BASELINE, short)
-  layout = lambda c: (c.model.lm.xattn.every, c.model.lm.xattn.get("placement", "paper"))
-  if layout(config) != layout(baseline):  # W/stage2/lm is in the baseline's layer layout.
-    config.lm_init = os.path.join(out, "frozen_lm")
-    if not os.path.exists(config.lm_init):
-      relayout_lm(demo.backbone_paths(workdir)[2], config.lm_init, baseline, config)
   seconds = {}
   fewshot = demo.stage3(config, workdir, out, seconds)
   results = dict(variant=variant.name, overrides=variant.overrides, short=short,
@@ -132,7 +109,8 @@ def table(rows: list[tuple[str, sweeps.Variant, dict]]) -> list[str]:
         cells += [f"{variant.paper} vs {variant.paper_baseline} ({paper})",
                   f"{measured} ({delta:+.3f})",
                   "yes" if paper == measured else "no"]
-    cells.append(", ".join(f"`{k}={v}`" for k, v in variant.overrides.items()) or "flamingo_jax/configs/demo.py")
+    cells.append(", ".join(f"`{k}={v}`" for k, v in variant.overrides.items())
+                 or "configs/demo.py")
     lines.append("| " + " | ".join(cells) + " |")
   return lines
 
@@ -141,7 +119,7 @@ def write_table(workdir: str, name: str, rows: list[tuple[str, sweeps.Variant, d
   """W/experiments/<name>.md; returns its path."""
   results = rows[0][2]
   lines = [f"# Ablation sweep: {name}", "",
-           f"Demo stage 3 ({'flamingo_jax/configs/demo.py:short' if results['short'] else 'flamingo_jax/configs/demo.py'}) "
+           f"Demo stage 3 ({'configs/demo.py:short' if results['short'] else 'configs/demo.py'}) "
            "per variant, few-shot on the TEST splits (names: made-up names, chance 0.25, "
            f"{results['num_episodes']} episodes). Paper: Flamingo paper Table 3, Flamingo-3B "
            "overall score (4 shots); measured: names 4-shot accuracy vs the baseline. At this "

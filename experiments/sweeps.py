@@ -1,10 +1,11 @@
 """The paper's ablations (Flamingo paper, Table 3: Flamingo-3B, 4 shots) as sweeps over the demo.
 
-SWEEPS: sweep name -> [Variant], the baseline (flamingo_jax/configs/demo.py as it is) first. A variant's
-overrides are dotted fields of flamingo_jax/configs/demo.py's get_config(); `paper` is Table 3's overall score
-for that setting, or the paper's word where Table 3 has no row, and `paper_baseline` Table 3's
-score for the baseline's setting of the same knob: the paper's Flamingo-3B (70.7), except for the
-connector, where the demo's baseline is the paper's MLP row (flamingo_jax/configs/demo.py says why).
+SWEEPS: sweep name -> [Variant], the baseline (flamingo_jax/configs/demo.py as it is) first. A
+variant's overrides are dotted fields of configs/demo.py's get_config(); `paper` is Table 3's
+overall score for that setting, or the paper's word where Table 3 has no row, and
+`paper_baseline` Table 3's score for the baseline's setting of the same knob: the paper's
+Flamingo-3B (70.7), except for the connector, where the demo's baseline is the paper's MLP row
+(configs/demo.py says why).
 experiments/sweep.py runs and tabulates them (experiments/README.md).
 """
 from typing import Any, NamedTuple
@@ -46,12 +47,13 @@ SWEEPS = {
 def get_config(variant: Variant, short: bool = False) -> ml_collections.ConfigDict:
   """flamingo_jax/configs/demo.py (`:short` if short) with the variant's overrides.
 
-  Overrides outside `model.` must name existing fields; model fields that flamingo_jax/configs/demo.py leaves
+  Overrides outside `model.` must name existing fields; model fields that configs/demo.py leaves
   at their defaults (e.g. model.lm.xattn.gated) may be added: building the model rejects typos.
   """
   config = demo_config.get_config("short" if short else None)
   for key in variant.overrides:
     if not key.startswith("model.") and key not in config:
-      raise KeyError(f"Variant {variant.name!r}: flamingo_jax/configs/demo.py has no field {key!r}.")
+      raise KeyError(f"Variant {variant.name!r}: flamingo_jax/configs/demo.py has no field "
+                     f"{key!r}.")
   config.update_from_flattened_dict(variant.overrides)
   return config

@@ -1,4 +1,5 @@
-"""Test setup: 8 virtual CPU devices for sharding tests, offline peers, and torchvision next to CPU torch."""
+"""Test setup: 8 virtual CPU devices for sharding tests, offline peers, torchvision beside CPU
+torch."""
 import os
 
 from tests import peers

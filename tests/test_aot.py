@@ -41,5 +41,6 @@ def test_batch_that_does_not_split_names_the_field_and_the_divisor():
   config.mesh = (1, -1, 1)
   config.input.datasets.pairs.batch_size = 6
   mesh = sharding_lib.make_mesh(config.mesh, aot.topology_devices("v4-8"))
-  with pytest.raises(ValueError, match=r"input\.datasets\.pairs\.batch_size=6 .*data-parallel size 4"):
+  with pytest.raises(ValueError,
+                     match=r"input\.datasets\.pairs\.batch_size=6 .*data-parallel size 4"):
     aot.abstract_batches(config, mesh)

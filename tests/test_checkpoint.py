@@ -1,6 +1,4 @@
 """Checkpoints, resume and their failure modes (flamingo_jax/train/checkpoint.py, trainer.py)."""
-import os
-import pathlib
 import random
 import shutil
 import signal
@@ -50,7 +48,7 @@ def reference(tmp_path_factory):
 
 
 def _start_and_signal(workdir, cache, sig, after_steps):
-  """Starts the run, sends `sig` once `after_steps` more steps are logged; -> (exit code, stderr)."""
+  """Starts the run, sends `sig` after `after_steps` more logged steps; -> (exit code, stderr)."""
   start = len(helpers.metrics(workdir))
   proc = subprocess.Popen(helpers.command(workdir), env=helpers.env(cache), cwd=helpers.ROOT,
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -94,9 +92,11 @@ def test_checkpoint_of_another_model_shape_is_an_error_and_kept(reference, tmp_p
   workdir = tmp_path / "w"
   shutil.copytree(ref_dir, workdir)
   files = sorted(str(p.relative_to(workdir)) for p in (workdir / "checkpoints").rglob("*"))
+  config_json = (workdir / "config.json").read_text()
   result = helpers.run(workdir, "--config.model.resampler.num_latents=8", cache_dir=cache,
                        check=False)
   assert result.returncode != 0
   assert "does not match the model" in result.stderr
   assert "params/resampler/latents: checkpoint (4, 32) != model (8, 32)" in result.stderr
   assert files == sorted(str(p.relative_to(workdir)) for p in (workdir / "checkpoints").rglob("*"))
+  assert (workdir / "config.json").read_text() == config_json  # Still the checkpoints' config.

@@ -5,12 +5,12 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from flamingo_jax.data import datasets
-from flamingo_jax.data.datasets import base
-from flamingo_jax.data.datasets import scenes
-from flamingo_jax.data.datasets import shapes_fewshot
-from flamingo_jax.data.datasets import shapes_interleaved
-from flamingo_jax.data.datasets import shapes_video
+from flamingo_jax.demo import datasets
+from flamingo_jax.demo.datasets import base
+from flamingo_jax.demo.datasets import scenes
+from flamingo_jax.demo.datasets import shapes_fewshot
+from flamingo_jax.demo.datasets import shapes_interleaved
+from flamingo_jax.demo.datasets import shapes_video
 
 S = 48
 SMALL = dict(num_train=4, num_test=12, image_size=S)

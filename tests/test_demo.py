@@ -1,4 +1,5 @@
-"""End to end: the shortened demo (tokenizer, three stages, few-shot evaluation, report).
+"""End to end: the shortened demo (tokenizer, three stages, few-shot evaluation, report), run as
+the README runs it (entry point, relative workdir, another directory) and run again to resume.
 
 The shortened run (configs' `:short`) checks the report, that stage 2 gives the LM in-context
 copying (eval/copying.py), which few-shot naming runs on, and that stage 3 learned few-shot naming:
@@ -7,6 +8,8 @@ made-up names per episode can only be learned from the context.
 import json
 import pathlib
 import re
+import subprocess
+import sys
 
 import flax.linen as nn
 import jax
@@ -14,18 +17,32 @@ import numpy as np
 import pytest
 
 from flamingo_jax.configs import demo as demo_config
-from flamingo_jax import demo
+from flamingo_jax.demo import run as demo
 from flamingo_jax.eval import fewshot
 from flamingo_jax.models import lm as lm_lib
 from flamingo_jax.train import checkpoint as ckpt_lib
 from flamingo_jax.train import kinds
 from flamingo_jax.train import optim
 from flamingo_jax.train import state as state_lib
+import train_helpers as helpers
+
+
+def _run_demo(cwd, cache) -> str:
+  """`python -m flamingo_jax.demo --workdir=wd --short` as a user runs it: from `cwd`, outside the
+  checkout, with the package as installed (no PYTHONPATH)."""
+  result = subprocess.run([sys.executable, "-m", "flamingo_jax.demo", "--workdir=wd", "--short"],
+                          cwd=cwd, env=helpers.env(cache, pythonpath=False), capture_output=True,
+                          text=True, timeout=1500)
+  assert result.returncode == 0, result.stderr[-5000:]
+  return result.stdout.strip().splitlines()[-1]
 
 
 @pytest.mark.slow
-def test_short_demo_writes_report(tmp_path):
-  path = pathlib.Path(demo.run(str(tmp_path), short=True))
+def test_short_demo_writes_report_and_resumes(tmp_path_factory):
+  tmp_path = tmp_path_factory.mktemp("user") / "wd"
+  cache = helpers.shared_dir(tmp_path_factory, "jax_cache")
+  path = pathlib.Path(_run_demo(tmp_path.parent, cache))
+  assert path == tmp_path / "report.md"
   text = path.read_text()
   for png in ("losses.png", "gates.png", "fewshot_names.png", "fewshot_vqa.png",
               "fewshot_captioning.png"):
@@ -49,6 +66,14 @@ def test_short_demo_writes_report(tmp_path):
   gates = [json.loads(line) for line in (tmp_path / "stage3" / "metrics.jsonl").open()][-1]
   assert {"gates/attn/layer_000", "gates/ffw/layer_001"} <= set(gates)
 
+  # The re-run resumes every stage at its end: no step trains, no evaluation changes.
+  stages = ("stage1", "stage2", "stage3")
+  read = lambda name: {s: (tmp_path / s / name).read_text() for s in stages}
+  metrics, evals = read("metrics.jsonl"), read("eval.json")
+  assert pathlib.Path(_run_demo(tmp_path.parent, cache)) == path
+  assert read("metrics.jsonl") == metrics and read("eval.json") == evals
+  assert path.read_text().startswith("# Flamingo demo report")
+
 
 def test_tokenizer_encodes_every_prompt_without_unk(tmp_path):
   """Round trips fail on <unk>: trained on the data alone, 'Question:' lost its capital."""
@@ -61,8 +86,9 @@ def test_tokenizer_encodes_every_prompt_without_unk(tmp_path):
 
 
 def test_stage3_starts_as_the_stage2_lm(tmp_path):
-  """Stage 2's LM -> lm_backbone -> stage 3's load_backbones: with gates at 0 the Flamingo logits
-  equal the plain LM's on a sequence with <image> and <EOC>, so the new-token rows are carried."""
+  """Stage 2's LM as demo.run writes it ({'lm': the plain LM}) -> stage 3's load_backbones, which
+  regroups it for stage 3's xattn placement: with gates at 0 the Flamingo logits equal the plain
+  LM's on a sequence with <image> and <EOC>, so the new-token rows are carried."""
   config = demo_config.get_config()
   plain_cfg = lm_lib.make_config(demo_config.lm(xattn=False))
   vocab = plain_cfg.vocab_size
@@ -72,7 +98,7 @@ def test_stage3_starts_as_the_stage2_lm(tmp_path):
   lm_params["new_token_embed"] = jax.random.normal(jax.random.PRNGKey(2),
                                                    lm_params["new_token_embed"].shape)
   config.lm_init = str(tmp_path / "lm")
-  ckpt_lib.save_params(config.lm_init, demo.lm_backbone(lm_params, config))
+  ckpt_lib.save_params(config.lm_init, {"lm": lm_params})
 
   kind = kinds.get("flamingo")
   model = kind.model(config)

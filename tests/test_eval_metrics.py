@@ -76,7 +76,8 @@ def test_cider_d_matches_coco_caption():
 
 
 def test_caption_tokens():
-  assert metrics.caption_tokens("A man, riding a T-shirt -- horse.") == "a man riding a t-shirt horse"
+  got = metrics.caption_tokens("A man, riding a T-shirt -- horse.")
+  assert got == "a man riding a t-shirt horse"
 
 
 def test_classification_and_retrieval():

@@ -1,20 +1,18 @@
-"""experiments/: every ablation builds on flamingo_jax/configs/demo.py, the tables, resuming, the workdir checks."""
+"""experiments/: every ablation builds on configs/demo.py, the tables, resuming, the workdir
+checks."""
 import json
 import os
 import re
 
 import flax.linen as nn
 import jax
-import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 from experiments import sweep as sweep_lib
 from experiments import sweeps
-from flamingo_jax import demo
+from flamingo_jax.demo import run as demo
 from flamingo_jax.models import flamingo
 from flamingo_jax.models import lm as lm_lib
-from flamingo_jax.train import checkpoint as ckpt_lib
 from flamingo_jax.train import optim
 from flamingo_jax.train import state as state_lib
 from flamingo_jax.train.kinds import flamingo as flamingo_kind
@@ -70,23 +68,6 @@ def test_override_of_a_missing_field_is_an_error():
   config = sweeps.get_config(sweeps.Variant("typo", {"model.lm.xattn.gate": False}, 0.0))
   with pytest.raises(ValueError, match=r"Unknown lm.xattn config keys \['gate'\]"):
     flamingo_kind.model(config)
-
-
-def test_frozen_lm_relayout_equals_the_demo_writing_that_layout(tmp_path):
-  """W/stage2/lm (baseline layout) relaid for every_2 == what demo.lm_backbone writes for it."""
-  base = sweeps.get_config(sweeps.BASELINE, short=True)
-  every2 = sweeps.get_config(sweeps.SWEEPS["xattn_every"][1], short=True)
-  plain_cfg = lm_lib.make_config({**flamingo.lm_config(base.model).__dict__, "xattn": None})
-  model = lm_lib.LM(plain_cfg)
-  plain = nn.unbox(model.init(jax.random.PRNGKey(0), np.zeros((1, 4), np.int32)))["params"]
-  src, dst = str(tmp_path / "lm"), str(tmp_path / "every2")
-  ckpt_lib.save_params(src, demo.lm_backbone(plain, base))
-  sweep_lib.relayout_lm(src, dst, base, every2)
-  got = state_lib.flat(ocp.StandardCheckpointer().restore(dst))
-  want = state_lib.flat(demo.lm_backbone(plain, every2))
-  assert set(got) == set(want) and any("/groups/layers/" in p for p in want)
-  for path in want:
-    np.testing.assert_array_equal(got[path], want[path], err_msg=path)
 
 
 def fake_results(names_acc: tuple[float, float, float], short=True) -> dict:
@@ -162,7 +143,8 @@ def test_finished_variants_are_skipped_and_all_is_tabulated(tmp_path):
 def test_missing_stage_checkpoint_is_a_clear_error(tmp_path, missing):
   drop = demo.backbone_paths(str(tmp_path))[missing]
   workdir = fake_workdir(tmp_path, drop=drop)
-  with pytest.raises(FileNotFoundError, match=r"missing \['" + re.escape(drop) + r"'\].*flamingo_jax.demo"):
+  with pytest.raises(FileNotFoundError,
+                     match=r"missing \['" + re.escape(drop) + r"'\].*flamingo_jax.demo"):
     sweep_lib.run(workdir, "mixture")
 
 

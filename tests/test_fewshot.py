@@ -1,8 +1,8 @@
-"""Few-shot prompting: prompt structure, RICES ordering, log-likelihood ranking, task evaluation."""
+"""Few-shot prompting: prompt structure, RICES ordering, log-likelihood ranking, open-ended
+tasks."""
 import numpy as np
 import pytest
 
-from flamingo_jax.data.datasets import shapes_fewshot
 from flamingo_jax.eval import decode
 from flamingo_jax.eval import fewshot
 from tests.test_decode import V, char_tokenizer, logprobs, tiny_setup
@@ -40,9 +40,11 @@ def test_choice_scores_are_sums_of_full_forward_logprobs():
   visual = decode.visual_tokens(model, params, images[None, :, None])[0]
   shots = ["This is a dax.", "This is a blick."]
   choices = ["dax", "blick", "zup"]
-  scores = fewshot.score_choices(model, params, tok, shots, visual[:k], visual[k:], choices)
+  template = "This is a {}."
+  scores = fewshot.score_choices(model, params, tok, shots, visual[:k], visual[k:], choices,
+                                 template)
   prompt = fewshot.build_prompt(tok, shots, "", shot_images=k > 0)
-  conts = [tok.encode(shapes_fewshot.NAME_TEMPLATE.format(c)) + [EOC] for c in choices]
+  conts = [tok.encode(template.format(c)) + [EOC] for c in choices]
   for q in range(2):
     media = np.repeat(images[np.r_[np.arange(k), k + q]][None, :, None], len(choices), 0)
     logp = logprobs(params, media, [prompt + c for c in conts], width=64)
@@ -51,25 +53,10 @@ def test_choice_scores_are_sums_of_full_forward_logprobs():
       np.testing.assert_allclose(scores[q, c], want, rtol=1e-4)
 
 
-def synthetic_data(rng, task, n):
+def synthetic_data(rng, n):
   image = lambda: rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
-  if task == "names":
-    names = ["dax", "blick"]
-    return [{"choices": names, "support_images": np.stack([image() for _ in range(4)]),
-             "support_names": names * 2, "query_images": np.stack([image(), image()]),
-             "query_names": names} for _ in range(n)]
   return [{"image": image(), "captions": [b"a red circle", b"a circle"], "question": b"what?",
            "answers": [b"red"]} for _ in range(n)]
-
-
-def test_names_reports_each_k_and_chance():
-  model, params = tiny_setup()
-  data = {"test": synthetic_data(np.random.default_rng(0), "names", 2)}
-  out = fewshot.evaluate_task("names", model, params, char_tokenizer(), data, shots=(0, 2, 8))
-  assert set(out) == {"accuracy/0shot", "accuracy/2shot", "chance"}  # 8 > the 4 supports.
-  assert out["chance"] == 0.5 and all(0 <= v <= 1 for v in out.values())
-  with pytest.raises(ValueError, match="task_name"):
-    fewshot.evaluate_task("retrieval", model, params, char_tokenizer(), data)
 
 
 @pytest.mark.slow
@@ -77,8 +64,8 @@ def test_names_reports_each_k_and_chance():
 def test_open_ended_tasks_report_each_k(task, metric):
   model, params = tiny_setup()
   rng = np.random.default_rng(0)
-  data = {"train": synthetic_data(rng, task, 5), "test": synthetic_data(rng, task, 3)}
-  out = fewshot.evaluate_task(task, model, params, char_tokenizer(), data, shots=(0, 2),
-                              selection="rices", beam_size=1, max_new_tokens=3)
+  data = {"train": synthetic_data(rng, 5), "test": synthetic_data(rng, 3)}
+  out = fewshot.evaluate_open_ended(task, model, params, char_tokenizer(), data, shots=(0, 2),
+                                    selection="rices", beam_size=1, max_new_tokens=3)
   assert set(out) == {f"{metric}/0shot", f"{metric}/2shot"}
   assert all(np.isfinite(v) and v >= 0 for v in out.values())

@@ -52,6 +52,7 @@ def training(total_steps: int) -> ml_collections.ConfigDict:
   """Training fields with the paper's hyper-parameters (App. B.1.2); see flamingo_jax/train/."""
   return ml_collections.ConfigDict(dict(
       model_name="flamingo",  # What trains: 'flamingo' | 'lm' | 'contrastive' (train/kinds/).
+      modules=(),  # Imported first: they register datasets, pp ops, eval tasks (modules.py).
       seed=0,
       total_steps=total_steps,
       mixture_mode="accumulate",  # 'accumulate' (paper) | 'round_robin' (ablation)
@@ -65,8 +66,10 @@ def training(total_steps: int) -> ml_collections.ConfigDict:
       frozen_dtype="",  # e.g. 'bfloat16': store frozen parameters in it ('' = as initialised).
       mesh=(1, -1, 1),  # (data, fsdp, model); one -1 fills with the remaining devices.
       sharding_rules=SHARDING_RULES,
-      # Frozen backbones: checkpoint.save_params trees {'vision': ...} and {'lm': the LM's frozen
-      # parameters} (converters write them); '' = random initialisation (tests, smoke runs).
+      # Frozen backbones ('' = random initialisation: tests, smoke runs). vision_init: a
+      # checkpoint.save_params tree {'vision': ...}. lm_init: a tree {'lm': ...} (the demo's stage
+      # 2 writes one) or the directory `python -m flamingo_jax.convert hf --dst` writes, its LM in
+      # any layer layout (the plain one serves every xattn placement; train/kinds/flamingo.py).
       vision_init="",
       lm_init="",
       init_from="",  # save_params checkpoint of the trainable parameters (fresh runs only).

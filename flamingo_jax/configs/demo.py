@@ -2,12 +2,13 @@
 
 Everything (tokenizer, three stages, few-shot evaluation, workdir/report.md) in one command:
   bash scripts/demo.sh                     # = python -m flamingo_jax.demo --workdir=workdir
-Stage 3 alone, after stages 1-2 (flamingo_jax/configs/nfnet_contrastive.py, flamingo_jax/configs/lm_pretrain.py):
+Stage 3 alone, after stages 1-2 (configs/nfnet_contrastive.py, configs/lm_pretrain.py):
   python launch.py --config=flamingo_jax/configs/demo.py --workdir=workdir/stage3 \
     --config.input.tokenizer=workdir/tokenizer.model \
     --config.vision_init=workdir/stage1/vision --config.lm_init=workdir/stage2/lm
-  python launch.py --config=flamingo_jax/configs/demo.py --workdir=workdir/stage3 --mode=eval ...(same flags)
-`flamingo_jax/configs/demo.py:short` is the end-to-end test's shortened run: fewer queries, the same 400 steps
+  python launch.py --config=flamingo_jax/configs/demo.py --workdir=workdir/stage3 --mode=eval \
+    ...(same flags)
+`configs/demo.py:short` is the end-to-end test's shortened run: fewer queries, the same 400 steps
 (after 120, one of three stage-3 seeds had learned in-context naming).
 
 The sizes of all three stages live here, so the stages' checkpoints fit each other. Training mixes
@@ -34,7 +35,7 @@ def lm(xattn: bool) -> dict:
   """The decoder of stage 2 (plain) and stage 3 (with gated xattn before every layer).
 
   2 layers are enough for induction heads (a previous-token head, then a matching one), which is
-  what stage 2 must give it (flamingo_jax/configs/lm_pretrain.py), and each step is cheaper than with 4.
+  what stage 2 must give it (configs/lm_pretrain.py), and each step is cheaper than with 4.
   """
   cfg = dict(vocab_size=VOCAB_SIZE, num_new_tokens=2, dim=128, num_layers=2, num_heads=4,
              mlp_dim=512, norm="rmsnorm", position="rotary", activation="gelu",
@@ -47,6 +48,7 @@ def lm(xattn: bool) -> dict:
 def training(total_steps: int, lr: float, short: bool) -> ml_collections.ConfigDict:
   """The demo's training fields: CPU-sized, warmup then cosine, few checkpoints, frequent logs."""
   config = common.training(total_steps=total_steps)
+  config.modules = ("flamingo_jax.demo",)  # Its shapes datasets, pp ops and eval tasks.
   config.lr = lr
   config.lr_schedule = dict(warmup_steps=max(total_steps // 10, 1), decay_type="cosine",
                             end_lr_frac=0.1)
@@ -61,7 +63,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   short = arg == "short"
   config = training(total_steps=400, lr=3e-3, short=short)
   # The connector is the paper's "Resampler: MLP" ablation (models/perceiver.py:MlpConnector), not
-  # its Perceiver Resampler (flamingo_jax/configs/flamingo_*.py): at 32 px the NFNet gives one feature per image,
+  # its Perceiver Resampler (configs/flamingo_*.py): at 32 px the NFNet gives one feature per image,
   # so there is nothing to resample, and the Perceiver's 8 latents (a 2-layer Perceiver, the
   # resampler sweep's `perceiver` variant) learned in-context naming on 1 of 3 stage-1 encoders
   # (4-shot 0.62, 0.47, 0.23) where this MLP learned it on all 3 (0.79, 0.71, 0.80; README).

@@ -1,6 +1,7 @@
 """Flamingo-3B as in the paper (Table 1): 24-layer frozen LM (D 2048, 16 heads), xattn every 1.
 
-Parameter counts: python -m flamingo_jax.models.param_count --config=flamingo_jax/configs/flamingo_3b.py
+Parameter counts:
+python -m flamingo_jax.models.param_count --config=flamingo_jax/configs/flamingo_3b.py
 
 Training (name the prepared datasets and the tokenizer; set the batch sizes for the hardware):
 python launch.py --config=flamingo_jax/configs/flamingo_3b.py --workdir=gs://BUCKET/flamingo_3b \

@@ -1,6 +1,7 @@
 """Flamingo-80B as in the paper (Table 1): 80-layer frozen LM (D 8192, 64 heads), xattn every 7.
 
-Parameter counts: python -m flamingo_jax.models.param_count --config=flamingo_jax/configs/flamingo_80b.py
+Parameter counts:
+python -m flamingo_jax.models.param_count --config=flamingo_jax/configs/flamingo_80b.py
 
 Training (name the prepared datasets and the tokenizer; set the batch sizes for the hardware):
 python launch.py --config=flamingo_jax/configs/flamingo_80b.py --workdir=gs://BUCKET/flamingo_80b \

@@ -1,6 +1,7 @@
 """Flamingo-9B as in the paper (Table 1): 40-layer frozen LM (D 4096, 32 heads), xattn every 4.
 
-Parameter counts: python -m flamingo_jax.models.param_count --config=flamingo_jax/configs/flamingo_9b.py
+Parameter counts:
+python -m flamingo_jax.models.param_count --config=flamingo_jax/configs/flamingo_9b.py
 
 Training (name the prepared datasets and the tokenizer; set the batch sizes for the hardware):
 python launch.py --config=flamingo_jax/configs/flamingo_9b.py --workdir=gs://BUCKET/flamingo_9b \

@@ -7,8 +7,8 @@ text pieces repeated): the in-context copying (induction heads) that few-shot na
 large LM gets from web text and this one did not get from the demo's text in a CPU budget (copy
 gain, eval/copying.py: 0.36 nats after the earlier text-only stage 2, 5.95 now). Sequences keep
 their `<image>` tokens, which the plain LM embeds with its new rows and never predicts.
-flamingo_jax/demo.py writes the LM in stage 3's layer layout as the `{'lm': ...}` checkpoint that
-config.lm_init loads.
+flamingo_jax/demo/run.py writes the plain LM as the `{'lm': ...}` checkpoint that stage 3's
+config.lm_init loads (in any xattn placement).
 `:short` (the end-to-end test's) logs more often but keeps the 800 steps: induction heads form
 between steps ~500 and ~700 (copy gain 0.7 nats after 500 steps, 5.9 after 800).
 """

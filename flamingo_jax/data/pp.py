@@ -23,7 +23,6 @@ import numpy as np
 from PIL import Image
 
 from flamingo_jax.data import interleave
-from flamingo_jax.data.datasets import shapes_fewshot
 from flamingo_jax.data import tokenizer as tokenizer_lib
 
 Example = dict[str, Any]
@@ -31,12 +30,17 @@ MEDIA_KEYS = ("image", "images", "video")
 _OPS: dict[str, Callable[..., Callable[[Example], Example]]] = {}
 
 
-def _register(fn):
+def register(fn):
+  """Adds the op factory `fn` under its name (also for ops defined outside this module, e.g. the
+  demo's, imported through config.modules)."""
+  if fn.__name__ in _OPS and _OPS[fn.__name__] is not fn:
+    raise ValueError(f"pp op {fn.__name__!r} is registered twice ({_OPS[fn.__name__].__module__} "
+                     f"and {fn.__module__}).")
   _OPS[fn.__name__] = fn
   return fn
 
 
-def _get(example: Example, key: str) -> Any:
+def get_field(example: Example, key: str) -> Any:
   """example['a/b'] reads the nested example['a']['b'] (TFDS features like 'captions/text')."""
   value = example
   for part in key.split("/"):
@@ -46,7 +50,7 @@ def _get(example: Example, key: str) -> Any:
   return value
 
 
-def _rng(example: Example, op: str) -> np.random.Generator:
+def example_rng(example: Example, op: str) -> np.random.Generator:
   if "_rng" not in example:
     raise ValueError(f"op {op!r} is random and needs example['_rng'] (the mixture sets it).")
   return example["_rng"]
@@ -100,7 +104,7 @@ def _map_frames(example: Example, op: str, fn: Callable[[Any, str], np.ndarray])
 # Images.
 
 
-@_register
+@register
 def decode():
   """Decodes encoded images (bytes) or reads image files (a path) to uint8 [H, W, 3] RGB."""
   def frame(value, key):
@@ -120,7 +124,7 @@ def decode():
   return lambda example: _map_frames(example, "decode", frame)
 
 
-@_register
+@register
 def resize_pad(size: int, method: str = "bilinear"):
   """Resizes the longer side to `size` (aspect ratio kept) and pads to square with the mean colour.
 
@@ -152,23 +156,23 @@ def resize_pad(size: int, method: str = "bilinear"):
   return op
 
 
-@_register
+@register
 def flip(p: float = 0.5):
   """Flips all media of an example left-right together, with probability p (training only)."""
   def op(example):
-    if _rng(example, "flip").random() >= p:
+    if example_rng(example, "flip").random() >= p:
       return example
     return _map_frames(example, "flip", lambda f, key: np.ascontiguousarray(
         _frame(f, key, "flip", dtype=None)[:, ::-1]))
   return op
 
 
-@_register
+@register
 def color_jitter(brightness: float = 0.2, contrast: float = 0.2, saturation: float = 0.2):
   """Scales brightness, contrast and saturation by factors in [1 - x, 1 + x] (training only)."""
   def op(example):
     amounts = np.array([brightness, contrast, saturation])
-    b, c, s = _rng(example, "color_jitter").uniform(1 - amounts, 1 + amounts)
+    b, c, s = example_rng(example, "color_jitter").uniform(1 - amounts, 1 + amounts)
 
     def frame(value, key):
       x = _frame(value, key, "color_jitter").astype(np.float32) * b
@@ -180,7 +184,7 @@ def color_jitter(brightness: float = 0.2, contrast: float = 0.2, saturation: flo
   return op
 
 
-@_register
+@register
 def value_range(vmin: float = -1.0, vmax: float = 1.0, in_min: float = 0.0, in_max: float = 255.0):
   """Maps uint8 [in_min, in_max] linearly to float32 [vmin, vmax]."""
   def frame(value, key):
@@ -189,7 +193,7 @@ def value_range(vmin: float = -1.0, vmax: float = 1.0, in_min: float = 0.0, in_m
   return lambda example: _map_frames(example, "value_range", frame)
 
 
-@_register
+@register
 def sample_frames(num_frames: int, fps: float = 1.0, random_start: bool = False):
   """Takes `num_frames` frames of 'video' at `fps`, given the video's own rate in example['fps'].
 
@@ -197,18 +201,18 @@ def sample_frames(num_frames: int, fps: float = 1.0, random_start: bool = False)
   repeats its last frame.
   """
   def op(example):
-    video = np.asarray(_get(example, "video"))
+    video = np.asarray(get_field(example, "video"))
     if video.ndim != 4:
       raise ValueError(
           f"sample_frames: field 'video' has shape {video.shape}; expected [T, H, W, 3].")
-    source_fps = float(np.asarray(_get(example, "fps")))
+    source_fps = float(np.asarray(get_field(example, "fps")))
     if source_fps <= 0:
       raise ValueError(f"sample_frames: field 'fps' is {source_fps}; expected a positive rate.")
     step = source_fps / fps
     span = int(np.ceil(step * (num_frames - 1))) + 1
     start = 0
     if random_start and len(video) > span:
-      start = int(_rng(example, "sample_frames").integers(len(video) - span + 1))
+      start = int(example_rng(example, "sample_frames").integers(len(video) - span + 1))
     index = np.minimum(start + np.round(step * np.arange(num_frames)).astype(int), len(video) - 1)
     return {**example, "video": video[index]}
   return op
@@ -217,65 +221,15 @@ def sample_frames(num_frames: int, fps: float = 1.0, random_start: bool = False)
 # Text.
 
 
-@_register
+@register
 def choose(key: str = "captions/text", to: str = "caption"):
   """Picks one of several strings (COCO's 5 captions) at random; the first without '_rng'."""
   def op(example):
-    values = _get(example, key)
+    values = get_field(example, key)
     if len(values) == 0:
       raise ValueError(f"choose: field {key!r} is empty.")
     i = int(example["_rng"].integers(len(values))) if "_rng" in example else 0
     return {**example, to: values[i]}
-  return op
-
-
-@_register
-def name_episode(num_shots: int = 8):
-  """A shapes_fewshot/names episode -> a document of `num_shots` named shapes, for training.
-
-  Draws num_shots of the episode's support and query images in random order and gives its shape
-  classes fresh made-up names per example, so a name can only be predicted from an earlier image
-  of the same shape in context: 'images' [K, H, W, 3] and 'texts' ['', 'This is a dax.', ...].
-  """
-  def op(example):
-    rng = _rng(example, "name_episode")
-    images = [*_get(example, "support_images"), *_get(example, "query_images")]
-    shapes = np.concatenate([_get(example, "support_shapes"), _get(example, "query_shapes")])
-    if num_shots > len(images):
-      raise ValueError(f"name_episode: num_shots={num_shots} exceeds the episode's "
-                       f"{len(images)} images.")
-    classes = sorted(set(shapes.tolist()))
-    names = dict(zip(classes, shapes_fewshot.nonsense_names(rng, len(classes))))
-    pick = rng.choice(len(images), num_shots, replace=False)
-    return {**example, "images": np.stack([images[i] for i in pick]),
-            "texts": [""] + [shapes_fewshot.NAME_TEMPLATE.format(names[shapes[i]]) for i in pick]}
-  return op
-
-
-@_register
-def copy_tokens(tokenizer: tokenizer_lib.Tokenizer, max_len: int = 64, min_period: int = 4,
-                max_period: int = 16):
-  """Any example -> `<BOS>` + a random run of text pieces repeated to `max_len`, for stage 2.
-
-  In-context copying (induction heads, Olsson et al. 2022) is what few-shot naming runs on: the
-  frozen LM must find the earlier image of the query's shape and copy the name after it. A large LM
-  learns it from web text; the demo's tiny one does not from the demo's text, and does from these
-  runs (period drawn from [min_period, max_period]). Only the repeats are targets. The source
-  record's content is unused: it just numbers the stream.
-  """
-  if not 1 <= min_period <= max_period or max_len < 2 * max_period + 1:
-    raise ValueError(f"copy_tokens: need 1 <= min_period <= max_period and max_len >= "
-                     f"2 * max_period + 1 (two copies); got min_period={min_period}, "
-                     f"max_period={max_period}, max_len={max_len}.")
-  pieces = np.array(tokenizer.text_ids)
-
-  def op(example):
-    rng = _rng(example, "copy_tokens")
-    period = int(rng.integers(min_period, max_period + 1))
-    run = rng.choice(pieces, period)
-    tokens = np.concatenate([[tokenizer.bos_id], np.resize(run, max_len - 1)]).astype(np.int32)
-    loss_mask = (np.arange(max_len) > period).astype(np.float32)
-    return {"tokens": tokens, "media_idx": np.zeros([max_len], np.int32), "loss_mask": loss_mask}
   return op
 
 
@@ -290,33 +244,33 @@ def _media(value: Any, key: str, rank: int) -> np.ndarray:
   return value
 
 
-@_register
+@register
 def tokenize_pair(tokenizer: tokenizer_lib.Tokenizer, max_len: int = 32, key: str = "caption"):
   """An image-text pair -> `<BOS><image>caption<EOC><EOS>` batch fields with N = T = 1."""
   def op(example):
-    image = _media(_get(example, "image"), "image", rank=3)
-    return interleave.build_sequence(["", _text(_get(example, key), key)], image[None, None],
+    image = _media(get_field(example, "image"), "image", rank=3)
+    return interleave.build_sequence(["", _text(get_field(example, key), key)], image[None, None],
                                      tokenizer, max_len=max_len, max_media=1)
   return op
 
 
-@_register
+@register
 def tokenize_video(tokenizer: tokenizer_lib.Tokenizer, max_len: int = 32, key: str = "caption"):
   """A video-text pair -> batch fields with one media item of T frames."""
   def op(example):
-    video = _media(_get(example, "video"), "video", rank=4)
-    return interleave.build_sequence(["", _text(_get(example, key), key)], video[None],
+    video = _media(get_field(example, "video"), "video", rank=4)
+    return interleave.build_sequence(["", _text(get_field(example, key), key)], video[None],
                                      tokenizer, max_len=max_len, max_media=1)
   return op
 
 
-@_register
+@register
 def tokenize_document(tokenizer: tokenizer_lib.Tokenizer, max_len: int = 256, max_media: int = 5,
                       p_next: float = 0.0):
   """An interleaved document ('images' [N, H, W, 3], 'texts' N + 1 strings) -> batch fields."""
   def op(example):
-    images = _media(_get(example, "images"), "images", rank=4)
-    texts = [_text(t, "texts") for t in _get(example, "texts")]
+    images = _media(get_field(example, "images"), "images", rank=4)
+    texts = [_text(t, "texts") for t in get_field(example, "texts")]
     return interleave.build_sequence(
         texts, images[:, None], tokenizer, max_len=max_len, max_media=max_media, p_next=p_next,
         rng=example.get("_rng"))
@@ -340,6 +294,13 @@ def _parse(spec: str) -> tuple[str, list[Any], dict[str, Any]]:
     raise ValueError(f"pp op {spec!r} is not of the form name or name(literal args...).") from e
 
 
+def _factory(name: str, spec: str):
+  if name not in _OPS:
+    raise ValueError(f"unknown pp op {name!r} in {spec!r}; known ops: {sorted(_OPS)} (ops defined "
+                     "elsewhere are registered by importing their module: config.modules).")
+  return _OPS[name]
+
+
 def output_shapes(spec: str) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
   """{field: (shape, dtype)} of one example that `spec` makes, read from its arguments alone.
 
@@ -349,9 +310,7 @@ def output_shapes(spec: str) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
   args = {}
   for op_spec in spec.split("|"):
     name, op_args, kwargs = _parse(op_spec)
-    if name not in _OPS:
-      raise ValueError(f"unknown pp op {name!r} in {spec!r}; known ops: {sorted(_OPS)}.")
-    params = inspect.signature(_OPS[name]).parameters
+    params = inspect.signature(_factory(name, spec)).parameters
     bound = inspect.signature(_OPS[name]).bind(
         *(([None] if "tokenizer" in params else []) + op_args), **kwargs)
     bound.apply_defaults()
@@ -377,9 +336,7 @@ def build(spec: str,
   ops = []
   for op_spec in spec.split("|"):
     name, args, kwargs = _parse(op_spec)
-    if name not in _OPS:
-      raise ValueError(f"unknown pp op {name!r} in {spec!r}; known ops: {sorted(_OPS)}.")
-    factory = _OPS[name]
+    factory = _factory(name, spec)
     if "tokenizer" in inspect.signature(factory).parameters:
       if tokenizer is None:
         raise ValueError(f"pp op {name!r} needs a tokenizer; pass one to pp.build.")

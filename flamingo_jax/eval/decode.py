@@ -1,4 +1,5 @@
-"""Batched greedy and beam-search decoding with a fixed-size KV cache (paper: beam 3, stop at <EOC>).
+"""Batched greedy and beam-search decoding with a fixed-size KV cache (paper: beam 3, stop at
+<EOC>).
 
 Prompts of different lengths are left-padded to one length P: row b's prompt fills the last
 lengths[b] slots, a key mask hides the pads and positions count from each row's first real token.
@@ -36,7 +37,7 @@ def _encode(model, params, images):
 
 
 def visual_tokens(model, params, images) -> jax.Array:
-  """images [B, N, T, H, W, 3] -> the resampler's visual tokens [B, N, R, D] that the LM attends to."""
+  """images [B, N, T, H, W, 3] -> the resampler's visual tokens [B, N, R, D] (the LM's keys)."""
   return model_fn(model, _encode)(params, images)
 
 
@@ -76,7 +77,7 @@ def _batch_axes(lm, length, visual):
 
 
 def _prefill(lm, params, visual, tokens, media_idx, lengths, max_new_tokens):
-  """Runs the prompts: -> last log-probs [B, V], the filled cache, key_mask [B, P + max_new_tokens]."""
+  """Runs the prompts -> last log-probs [B, V], the filled cache, key_mask [B, P + new tokens]."""
   b, p = tokens.shape
   pad = p - lengths  # [B]
   key_mask = jnp.arange(p + max_new_tokens)[None] >= pad[:, None]

@@ -1,7 +1,7 @@
 """Evaluation of a training run's newest checkpoint: `launch.py --mode=eval` (same config flags).
 
-- Flamingo (`model_name='flamingo'`): the few-shot tasks of `config.eval` on shapes_fewshot TEST
-  splits (fewshot.py): accuracy per k with chance for `names`, VQA accuracy / CIDEr-D otherwise.
+- Flamingo (`model_name='flamingo'`): the few-shot tasks named in `config.eval.tasks`, found in the
+  registry of tasks.py (fewshot.py holds the prompting, generation and scoring they share).
 - Contrastive (`model_name='contrastive'`): zero-shot retrieval recall@k on `config.eval.split`.
 - Plain LM (`model_name='lm'`): in-context copying of repeated random tokens (copying.py), the
   ability that Flamingo's few-shot learning takes from its frozen LM.
@@ -13,12 +13,13 @@ from etils import epath
 import jax
 import numpy as np
 
+from flamingo_jax import modules
 from flamingo_jax import paths
 from flamingo_jax.data import mixture
 from flamingo_jax.data import pp
 from flamingo_jax.data import tokenizer as tokenizer_lib
 from flamingo_jax.eval import copying
-from flamingo_jax.eval import fewshot
+from flamingo_jax.eval import tasks
 from flamingo_jax.models import contrastive
 from flamingo_jax.train import checkpoint as ckpt_lib
 from flamingo_jax.train import kinds
@@ -45,7 +46,8 @@ def load(config, workdir: str):
   return model, state_lib.merge(restored[0]["params"], frozen)
 
 
-def _records(name: str, split: str, limit: int | None = None) -> list[dict]:
+def records(name: str, split: str, limit: int | None = None) -> list[dict]:
+  """The first `limit` (default all) records of a TFDS split, decoded."""
   source = mixture.open_source(name, split)
   return [source[i] for i in range(min(len(source), limit or len(source)))]
 
@@ -53,7 +55,7 @@ def _records(name: str, split: str, limit: int | None = None) -> list[dict]:
 def retrieval(config, model, params) -> dict[str, float]:
   """Zero-shot image<->text retrieval recall@1/5 over the whole eval split (one batch)."""
   fn = pp.build(config.eval.pp, tokenizer_lib.load_tokenizer(config.input.tokenizer))
-  examples = [fn(dict(ex)) for ex in _records(config.eval.tfds_name, config.eval.split)]
+  examples = [fn(dict(ex)) for ex in records(config.eval.tfds_name, config.eval.split)]
   images = np.stack([ex["images"][0, 0] for ex in examples])
   tokens = np.stack([ex["tokens"] for ex in examples])
   img, txt, _ = jax.jit(model.apply)({"params": params}, images, tokens)
@@ -61,27 +63,15 @@ def retrieval(config, model, params) -> dict[str, float]:
 
 
 def few_shot(config, model, params) -> dict[str, dict[str, float]]:
-  """{task: {'<metric>/<k>shot': value, 'chance'?: value}} on the TEST splits."""
+  """{task: {'<metric>/<k>shot': value, 'chance'?: value}} for each of config.eval.tasks."""
   tokenizer = tokenizer_lib.load_tokenizer(config.input.tokenizer)
-  resize = pp.build(f"resize_pad({config.image_size})|value_range(-1, 1)")
-  preprocess = lambda images: resize({"images": np.asarray(images)})["images"]
-  e = config.eval
-  results = {}
-  for task in e.tasks:
-    name = f"shapes_fewshot/{task}"
-    if task == "names":
-      data, options = {"test": _records(name, "test", e.num_episodes)}, {}
-    else:
-      data = {"train": _records(name, "train"), "test": _records(name, "test", e.num_queries)}
-      options = dict(beam_size=e.beam_size, max_new_tokens=e.max_new_tokens)
-    results[task] = fewshot.evaluate_task(task, model, params, tokenizer, data, e.shots,
-                                          preprocess=preprocess, **options)
-  return results
+  return {name: tasks.get(name)(config, model, params, tokenizer) for name in config.eval.tasks}
 
 
 def evaluate(config, workdir: str) -> dict:
   """Evaluates workdir's newest checkpoint as its model kind asks; writes workdir/eval.json."""
   config, workdir = paths.resolve_config(config), paths.resolve(workdir)
+  modules.import_modules(config)
   model, params = load(config, workdir)
   if config.model_name == "contrastive":
     results = {"retrieval": retrieval(config, model, params)}

@@ -3,8 +3,8 @@ open-ended tasks by generation and close-ended tasks by log-likelihood ranking.
 
 A k-shot prompt is `<BOS>(<image>shot<EOC>)×k<image>query` (interleave.py's format, left open for
 the answer). Zero-shot follows the paper: two text-only shots, then the query with its image.
-`data` is {'train': support examples, 'test': queries} as numpy dicts (tfds.as_numpy of
-shapes_fewshot or a dataset with the same fields); `names` episodes carry their own support.
+`data` is {'train': support examples, 'test': queries} as numpy dicts ('image', 'captions' or
+'question'/'answers'). Tasks that use these pieces are registered by name in tasks.py.
 """
 import collections
 import functools
@@ -15,7 +15,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flamingo_jax.data.datasets import shapes_fewshot
 from flamingo_jax.eval import decode
 from flamingo_jax.eval import metrics
 from flamingo_jax.models import lm as lm_lib
@@ -34,14 +33,15 @@ def template_corpus() -> list[str]:
   return [t.format_map(collections.defaultdict(str)) for pair in TEMPLATES.values() for t in pair]
 
 
-def _text(value) -> str:
+def text(value) -> str:
+  """A TFDS text field (bytes) or str as str."""
   return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
 def _fields(task: str, example: dict) -> dict[str, str]:
   if task == "captioning":
-    return {"caption": _text(example["captions"][0])}
-  return {"question": _text(example["question"]), "answer": _text(example["answers"][0])}
+    return {"caption": text(example["captions"][0])}
+  return {"question": text(example["question"]), "answer": text(example["answers"][0])}
 
 
 def to_model_range(images: np.ndarray) -> np.ndarray:
@@ -49,7 +49,8 @@ def to_model_range(images: np.ndarray) -> np.ndarray:
   return np.asarray(images, np.float32) / 127.5 - 1.0
 
 
-def build_prompt(tokenizer, shots: Sequence[str], query: str, shot_images: bool = True) -> list[int]:
+def build_prompt(tokenizer, shots: Sequence[str], query: str,
+                 shot_images: bool = True) -> list[int]:
   """<BOS>(<image>shot<EOC>)*<image>query ids; shot_images=False drops the shots' <image>."""
   ids = [tokenizer.bos_id]
   for text in shots:
@@ -96,8 +97,7 @@ def sequence_logprob(lm: lm_lib.LM, params, visual, tokens, media_idx, target_ma
 
 
 def score_choices(model, params, tokenizer, shot_texts: Sequence[str], shot_visual, query_visual,
-                  choices: Sequence[str], template: str = shapes_fewshot.NAME_TEMPLATE,
-                  pad_multiple: int = 16) -> np.ndarray:
+                  choices: Sequence[str], template: str, pad_multiple: int = 16) -> np.ndarray:
   """Log-likelihood of each query's continuation template.format(choice) + <EOC>: [Q, C].
 
   shot_visual [k, R, D]: the shots' visual tokens (k = 0: text-only shots); query_visual [Q, R, D].
@@ -121,40 +121,9 @@ def score_choices(model, params, tokenizer, shot_texts: Sequence[str], shot_visu
   return np.asarray(scores).reshape(q, len(choices))
 
 
-def _shot_count(k: int) -> int:
+def shot_count(k: int) -> int:
+  """Shots in a k-shot prompt: k, or the paper's text-only examples at k = 0."""
   return k or ZERO_SHOT_TEXTS
-
-
-def evaluate_names(model, params, tokenizer, data, shots: Sequence[int] = SHOTS, *,
-                   preprocess: Callable = to_model_range) -> dict[str, float]:
-  """The close-ended `names` task: accuracy per k (first k supports) and the chance level.
-
-  Each query is scored over its episode's `choices` by log-likelihood; k that do not fit the LM's
-  context or the episode's support are left out (logged).
-  """
-  correct, skipped = {k: [] for k in shots}, set()
-  chance = []
-  for ep in data["test"]:
-    choices = [_text(c) for c in ep["choices"]]
-    texts = [shapes_fewshot.NAME_TEMPLATE.format(_text(n)) for n in ep["support_names"]]
-    images = preprocess(np.concatenate([ep["support_images"], ep["query_images"]]))
-    visual = decode.visual_tokens(model, params, images[None, :, None])[0]  # [S + Q, R, D]
-    support, queries = visual[:len(texts)], visual[len(texts):]
-    labels = [choices.index(_text(n)) for n in ep["query_names"]]
-    chance.append(1.0 / len(choices))
-    longest = max(len(tokenizer.encode(shapes_fewshot.NAME_TEMPLATE.format(c))) for c in choices)
-    for k in shots:
-      n = _shot_count(k)
-      length = len(build_prompt(tokenizer, texts[:n], "", k > 0)) + longest + 1
-      if n > len(texts) or length > model.lm.max_len:
-        skipped.add(k)
-        continue
-      scores = score_choices(model, params, tokenizer, texts[:n], support[:k], queries, choices)
-      correct[k] += list(scores.argmax(1) == np.array(labels))
-  if skipped:
-    logging.info("names: shots %s left out (support or context too short).", sorted(skipped))
-  out = {f"accuracy/{k}shot": float(np.mean(correct[k])) for k in shots if k not in skipped}
-  return {**out, "chance": float(np.mean(chance))}
 
 
 def evaluate_open_ended(task: str, model, params, tokenizer, data, shots: Sequence[int] = SHOTS,
@@ -182,7 +151,7 @@ def evaluate_open_ended(task: str, model, params, tokenizer, data, shots: Sequen
   name = "cider" if task == "captioning" else "vqa_accuracy"
   results = {}
   for k in shots:
-    n = _shot_count(k)
+    n = shot_count(k)
     if n > len(support):
       logging.info("%s: %d-shot left out: only %d support examples.", task, k, len(support))
       continue
@@ -202,29 +171,11 @@ def evaluate_open_ended(task: str, model, params, tokenizer, data, shots: Sequen
                             max_new_tokens=max_new_tokens, beam_size=beam_size)
       predictions += [tokenizer.decode(x, skip_special=True).strip() for x in ids]
     if task == "captioning":
-      refs = [[metrics.caption_tokens(_text(c)) for c in ex["captions"]] for ex in queries]
+      refs = [[metrics.caption_tokens(text(c)) for c in ex["captions"]] for ex in queries]
       results[f"{name}/{k}shot"] = metrics.cider_d(
           [metrics.caption_tokens(p) for p in predictions], refs)[0]
     else:
       results[f"{name}/{k}shot"] = float(np.mean([
-          metrics.vqa_accuracy(p, [_text(a) for a in ex["answers"]])
+          metrics.vqa_accuracy(p, [text(a) for a in ex["answers"]])
           for p, ex in zip(predictions, queries)]))
   return results
-
-
-TASKS = {
-    "captioning": functools.partial(evaluate_open_ended, "captioning"),
-    "vqa": functools.partial(evaluate_open_ended, "vqa"),
-    "names": evaluate_names,
-}
-
-
-def evaluate_task(task_name: str, model, params, tokenizer, data, shots: Sequence[int] = SHOTS,
-                  **options) -> dict[str, float]:
-  """Few-shot scores of `task_name` per k: {'<metric>/<k>shot': value, ...} (+ 'chance' if close-ended).
-
-  options go to the task's evaluator (`evaluate_open_ended` or `evaluate_names`).
-  """
-  if task_name not in TASKS:
-    raise ValueError(f"task_name={task_name!r}; expected one of {sorted(TASKS)}.")
-  return TASKS[task_name](model, params, tokenizer, data, shots, **options)

@@ -56,7 +56,8 @@ _COMMA_STRIP = re.compile(r"(\d)(,)(\d)")
 
 
 def normalize_vqa_answer(answer: str) -> str:
-  """The official answer processing: punctuation, then lower case, number words, articles, contractions."""
+  """The official answer processing: punctuation, then lower case, number words, articles,
+  contractions."""
   text = answer.replace("\n", " ").replace("\t", " ").strip()
   out = text
   for p in _PUNCT:  # Deleted next to spaces (or in '1,000'), otherwise a word break.

@@ -51,7 +51,7 @@ class Flamingo(nn.Module):
     self.language_model = lm_lib.LM(self.lm, decode=self.decode, name="lm")
 
   def encode_images(self, images):
-    """images [B, N, T, H, W, 3] -> visual tokens [B, N, R, D]; the frozen encoder gets no gradient."""
+    """images [B, N, T, H, W, 3] -> visual tokens [B, N, R, D]; the encoder gets no gradient."""
     if images.ndim != 6 or images.shape[-1] != 3:
       raise ValueError(f"images must be [B, N, T, H, W, 3]; got shape {images.shape}.")
     b, n, t, h, w, _ = images.shape
@@ -73,7 +73,8 @@ class Flamingo(nn.Module):
 
 
 def from_config(model_cfg: Any, decode: bool = False) -> Flamingo:
-  """A Flamingo module from `config.model` (vision, resampler, lm, dtype, param_dtype, remat_policy)."""
+  """A Flamingo module from `config.model` (vision, resampler, lm, dtype, param_dtype,
+  remat_policy)."""
   vision = dict(model_cfg.vision)
   variant = vision.pop("variant", "F0")
   perceiver.connector(model_cfg.resampler)  # A bad resampler.kind fails here, not at init.

@@ -121,7 +121,8 @@ REMAT_POLICIES = {
 def remat(module_cls, policy: str, static_argnums=()):
   """Wraps a module class in nn.remat with a named policy ('none' leaves it as is)."""
   if policy not in REMAT_POLICIES:
-    raise ValueError(f"remat_policy={policy!r} is unknown; expected one of {sorted(REMAT_POLICIES)}.")
+    raise ValueError(f"remat_policy={policy!r} is unknown; expected one of "
+                     f"{sorted(REMAT_POLICIES)}.")
   if policy == "none":
     return module_cls
   return nn.remat(module_cls, policy=REMAT_POLICIES[policy], prevent_cse=False,

@@ -7,8 +7,8 @@ are flattened into one set of T·S features x_f, and R learned latents x attend 
 for L layers, then a final LayerNorm. Features are linearly projected to D first when C != D.
 
 `connector` builds the module under `resampler/` from config.model.resampler: this resampler
-(kind='perceiver', the paper's; flamingo_jax/configs/flamingo_*.py) or `MlpConnector` (kind='mlp', the
-"Resampler: MLP" ablation of the paper's Table 3; the demo's, flamingo_jax/configs/demo.py says why).
+(kind='perceiver', the paper's; configs/flamingo_*.py) or `MlpConnector` (kind='mlp', the
+"Resampler: MLP" ablation of the paper's Table 3; the demo's, configs/demo.py says why).
 """
 import dataclasses
 

@@ -1,8 +1,8 @@
 """Masked cross-attention and the GATED XATTN-DENSE block (Flamingo paper, Sec. 2.2 and Fig. 4).
 
 Text tokens (queries) attend to the visual tokens produced by the Perceiver Resampler. Which image a
-token may see is given by `media_idx`: the 1-based index of the last `<image>` at or before the token
-(0 = no image yet). By default a token sees only that image's R tokens (the paper's per-image
+token may see is given by `media_idx`: the 1-based index of the last `<image>` at or before the
+token (0 = no image yet). By default a token sees only that image's R tokens (the paper's per-image
 masking); `only_attend_immediate=False` is the paper's ablation (all previous images). Tokens with
 media_idx 0 get a zero cross-attention output, so they are exactly as the frozen LM computes them.
 """
@@ -42,7 +42,7 @@ class MaskedCrossAttention(nn.Module):
 
   @nn.compact
   def __call__(self, y, visual, media_idx, decode: bool = False):
-    """y: [B, L, D]; visual: [B, N, R, Dv] or None (decode steps); media_idx: [B, L] -> [B, L, D]."""
+    """y [B, L, D]; visual [B, N, R, Dv] or None (decode steps); media_idx [B, L] -> [B, L, D]."""
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     proj = lambda name: layers.dense((self.num_heads, self.head_dim), ("embed", "heads", "kv"),
                                      **kw, name=name)

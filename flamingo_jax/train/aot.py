@@ -5,7 +5,8 @@ python launch.py --mode=compile --config=flamingo_jax/configs/flamingo_80b.py --
 Needs libtpu (`pip install "jax[tpu]"`; no TPU): `jax.experimental.topologies` gives the topology's
 abstract devices, and trainer.make_setup's jitted step is lowered with ShapeDtypeStructs (nothing is
 allocated) and compiled. Reports per-chip memory (XLA's memory analysis) against the chip's HBM,
-FLOPs per step (cost analysis), compile time, and the step time at an assumed MFU.
+model FLOPs per step (counted on the jaxpr, flops.py), compile time, and the step time at an
+assumed MFU.
 """
 import dataclasses
 import itertools
@@ -16,6 +17,7 @@ import jax
 from jax.experimental import topologies
 import numpy as np
 
+from flamingo_jax import modules
 from flamingo_jax.data import pp as pp_lib
 from flamingo_jax.train import input as input_lib
 from flamingo_jax.train import kinds
@@ -65,7 +67,7 @@ def topology_devices(name: str) -> list[jax.Device]:
 
 
 def abstract_batches(config, mesh) -> dict[str, dict[str, jax.ShapeDtypeStruct]]:
-  """{dataset: {field: ShapeDtypeStruct}} of one step's global batches, sharded on the batch axes."""
+  """{dataset: {field: ShapeDtypeStruct}} of one step's global batches, batch axes sharded."""
   input_lib.check_batch_sizes(config, mesh)
   sharding = sharding_lib.batch_sharding(mesh)
   out = {}
@@ -124,8 +126,10 @@ class Report:
 def compile_step(config, topology: str) -> list[Report]:
   """Compiles the update step of `config` for `topology`: one report per compiled step.
 
-  'accumulate' compiles one step over all datasets, 'round_robin' one per dataset (as training does).
+  'accumulate' compiles one step over all datasets, 'round_robin' one per dataset (as training
+  does).
   """
+  modules.import_modules(config)
   devices = topology_devices(topology)
   mesh = sharding_lib.make_mesh(config.mesh, devices)
   batches = abstract_batches(config, mesh)

@@ -1,10 +1,10 @@
 """Training metrics: gate values, throughput, MFU, and the writers (TensorBoard, JSONL, progress).
 
-FLOPs per step come from XLA's cost analysis of the compiled update step (forward, backward and
-optimizer, for the exact shapes and sharding): it counts the frozen NFNet's forward-only convs, the
-LM's activation-only backward and the trainable layers' full backward without a hand formula to keep
-in sync with the model. MFU = achieved FLOP/s per device / the device's peak (table below; on
-CPU the peak is measured by timing a matmul).
+FLOPs per step are counted on the update step's jaxpr (flops.py: every scanned layer counted, the
+frozen NFNet's forward-only convs, the LM's activation-only backward and the trainable layers' full
+backward, remat recomputation excluded), with no hand formula to keep in sync with the model.
+MFU = achieved FLOP/s per device / the device's peak (table below; on CPU the peak is measured by
+timing a matmul).
 """
 import json
 import os

@@ -1,10 +1,10 @@
 """Parameter groups by regex and the optimizer (paper App. B.1.2: AdamW, warmup, clip 1, wd 0.1).
 
 `config.schedule = [(regex, rule), ...]` (big_vision style): the first regex that matches a
-parameter path ('lm/groups/xattn/attn/query/kernel') decides its rule; every parameter must match one. A rule
-of None freezes the parameter; a dict overrides fields of `config.lr_schedule` for its group ({} =
-the default schedule). The optimizer sees only the trainable subtree, so frozen parameters have no
-optimizer state and no gradients.
+parameter path ('lm/groups/xattn/attn/query/kernel') decides its rule; every parameter must match
+one. A rule of None freezes the parameter; a dict overrides fields of `config.lr_schedule` for
+its group ({} = the default schedule). The optimizer sees only the trainable subtree, so frozen
+parameters have no optimizer state and no gradients.
 """
 import re
 from typing import Any, Mapping

@@ -2,7 +2,8 @@
 
 Parameters carry logical axis names (models/layers.py); `config.sharding_rules` maps each name to a
 mesh axis, a tuple of mesh axes, or None (replicated), MaxText style. Conflicts are errors, not
-silent resolutions: a logical name with two rules, or one mesh axis used twice in a parameter's spec.
+silent resolutions: a logical name with two rules, or one mesh axis used twice in a parameter's
+spec.
 """
 from typing import Any, Sequence
 

@@ -7,8 +7,8 @@ What is trained is selected by `config.model_name` ('flamingo' | 'lm' | 'contras
 'flamingo'): a module of flamingo_jax/train/kinds/ gives the model, its loss and its backbones.
 
 One update: for every dataset of the mixture, its loss (e.g. the mean next-token NLL over its target
-tokens) and its gradient (summed over `config.microbatches`), weighted by λ and accumulated; then one
-optimizer step ('accumulate', the paper's choice). `mixture_mode='round_robin'` (the paper's
+tokens) and its gradient (summed over `config.microbatches`), weighted by λ and accumulated; then
+one optimizer step ('accumulate', the paper's choice). `mixture_mode='round_robin'` (the paper's
 ablation) uses one dataset per step in turn. Gradients are taken only w.r.t. the trainable subtree.
 """
 import signal
@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from flamingo_jax import modules
 from flamingo_jax import paths
 from flamingo_jax.train import checkpoint as ckpt_lib
 from flamingo_jax.train import input as input_lib
@@ -175,10 +176,9 @@ def train(config, workdir: str) -> tuple[dict, dict, dict]:
   paths (workdir and the config's, `paths.CONFIG_PATH_FIELDS`) are taken from the current directory.
   """
   config, workdir = paths.resolve_config(config), paths.resolve(workdir)
+  modules.import_modules(config)
   # ----------------------------------------------------------------------- logging
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)
-  if jax.process_index() == 0:
-    (epath.Path(workdir) / "config.json").write_text(config.to_json_best_effort(indent=2))
   logging.info("%d processes, %d devices (%s).", jax.process_count(), jax.device_count(),
                jax.devices()[0].device_kind)
 
@@ -219,6 +219,8 @@ def train(config, workdir: str) -> tuple[dict, dict, dict]:
                    "opt_state": tx.init(p)}, out_shardings=state_sh, donate_argnums=0)(trainable)
   del trainable
   first_step = int(jax.device_get(train_state["step"]))
+  if jax.process_index() == 0:  # Only now: a failed resume leaves the workdir's record as it was.
+    (epath.Path(workdir) / "config.json").write_text(config.to_json_best_effort(indent=2))
 
   # ----------------------------------------------------------------------- update step
   compiled = {}  # Dataset names -> the compiled step ('round_robin' has one per dataset).

@@ -11,8 +11,8 @@ import itertools
 import numpy as np
 import tensorflow_datasets as tfds
 
-from flamingo_jax.data.datasets import base
-from flamingo_jax.data.datasets import scenes
+from flamingo_jax.demo.datasets import base
+from flamingo_jax.demo.datasets import scenes
 
 DIRECTIONS = {  # (dy, dx) per clip, in units of the image size.
     'left': (0, -0.4), 'right': (0, 0.4), 'up': (-0.4, 0), 'down': (0.4, 0)}

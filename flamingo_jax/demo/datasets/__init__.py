@@ -5,11 +5,11 @@ Importing this package registers `shapes_pairs`, `shapes_interleaved`, `shapes_v
 `tfds.builder('shapes_pairs', data_dir=d).download_and_prepare()`. Each module's docstring gives its
 features.
 """
-from flamingo_jax.data.datasets import scenes
-from flamingo_jax.data.datasets import shapes_fewshot
-from flamingo_jax.data.datasets import shapes_interleaved
-from flamingo_jax.data.datasets import shapes_pairs
-from flamingo_jax.data.datasets import shapes_video
+from flamingo_jax.demo.datasets import scenes
+from flamingo_jax.demo.datasets import shapes_fewshot
+from flamingo_jax.demo.datasets import shapes_interleaved
+from flamingo_jax.demo.datasets import shapes_pairs
+from flamingo_jax.demo.datasets import shapes_video
 
 __all__ = ['shapes_fewshot', 'shapes_interleaved', 'shapes_pairs', 'shapes_video', 'text_corpus']
 

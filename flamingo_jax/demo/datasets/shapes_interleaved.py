@@ -13,8 +13,8 @@ import dataclasses
 import numpy as np
 import tensorflow_datasets as tfds
 
-from flamingo_jax.data.datasets import base
-from flamingo_jax.data.datasets import scenes
+from flamingo_jax.demo.datasets import base
+from flamingo_jax.demo.datasets import scenes
 
 INTROS = ('', 'Here are some shapes.', 'A page of pictures.')
 TEMPLATES = ('Image {} shows {}.', 'In picture {} there is {}.', 'Picture {}: {}.')

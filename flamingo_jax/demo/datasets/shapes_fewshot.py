@@ -22,8 +22,8 @@ import dataclasses
 import numpy as np
 import tensorflow_datasets as tfds
 
-from flamingo_jax.data.datasets import base
-from flamingo_jax.data.datasets import scenes
+from flamingo_jax.demo.datasets import base
+from flamingo_jax.demo.datasets import scenes
 
 TASKS = ('captioning', 'vqa', 'names')
 NAME_TEMPLATE = 'This is a {}.'

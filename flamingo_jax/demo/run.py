@@ -1,56 +1,38 @@
-"""The demo: the project's main job end to end on the embedded dataset (README quick start).
+"""The demo's stages, run by `python -m flamingo_jax.demo --workdir=workdir [--short]`.
 
-  python -m flamingo_jax.demo --workdir=workdir [--short]     (scripts/demo.sh runs this)
-
-tokenizer (SentencePiece on data.datasets.text_corpus() and the few-shot prompts' own words) →
-stage 1: contrastive NFNet + text tower (flamingo_jax/configs/nfnet_contrastive.py), zero-shot retrieval,
-`{'vision': ...}` → stage 2: LM pretraining (flamingo_jax/configs/lm_pretrain.py), its in-context copying
-(eval/copying.py), `{'lm': ...}` in stage 3's layout → stage 3: Flamingo with both frozen
-(flamingo_jax/configs/demo.py) → few-shot evaluation → workdir/report.md. All stages use the same trainer;
-each stage's workdir holds its checkpoints and metrics, so re-running resumes. `--short` is the
-end-to-end test's run (`:short` configs).
+tokenizer (SentencePiece on datasets.text_corpus() and the few-shot prompts' own words) →
+stage 1: contrastive NFNet + text tower (configs/nfnet_contrastive.py), zero-shot retrieval,
+`{'vision': ...}` → stage 2: LM pretraining (configs/lm_pretrain.py), its in-context copying
+(eval/copying.py), `{'lm': ...}` (the plain LM, which serves every xattn placement) → stage 3:
+Flamingo with both frozen (configs/demo.py) → few-shot evaluation → workdir/report.md. All stages
+use the same trainer; each stage's workdir holds its checkpoints, metrics and eval.json, so a
+re-run resumes training and evaluates only what trained anew. `--short` is the end-to-end test's run
+(`:short` configs).
 """
-import dataclasses
 import json
 import logging as std_logging
 import os
 import time
 
-from absl import app
 from absl import flags
 from absl import logging
 from etils import epath
 import jax
 
+from flamingo_jax import paths
 from flamingo_jax.configs import demo as demo_config
 from flamingo_jax.configs import lm_pretrain
 from flamingo_jax.configs import nfnet_contrastive
-from flamingo_jax import paths
-from flamingo_jax.data import datasets
 from flamingo_jax.data import tokenizer as tokenizer_lib
+from flamingo_jax.demo import datasets
+from flamingo_jax.demo import report
 from flamingo_jax.eval import evaluate
 from flamingo_jax.eval import fewshot as fewshot_lib
-from flamingo_jax.eval import report
-from flamingo_jax.models import flamingo
-from flamingo_jax.models import lm as lm_lib
 from flamingo_jax.train import checkpoint as ckpt_lib
-from flamingo_jax.train import state as state_lib
 from flamingo_jax.train import trainer
 
 _WORKDIR = flags.DEFINE_string("workdir", "workdir", "Everything the demo writes goes here.")
 _SHORT = flags.DEFINE_bool("short", False, "The shortened run of the end-to-end test.")
-
-
-def lm_backbone(lm_params: dict, config) -> dict:
-  """Stage 2's plain LM -> `{'lm': ...}` in stage 3's (`config`) layer layout (`lm.split_layers` /
-  `join_layers`): its frozen parameters, and the new-token rows that stage 3 keeps training from
-  where stage 2 left them (train/kinds/flamingo.py `load_backbones`)."""
-  xcfg = flamingo.lm_config(config.model)
-  layers, _ = lm_lib.split_layers(lm_params, dataclasses.replace(xcfg, xattn=None))
-  blocks = [{}] * len(lm_lib.xattn_layer_indices(xcfg))  # No xattn parameters: they are new.
-  tree = {"lm": {**{k: v for k, v in lm_params.items() if k != "layers"},
-                 **lm_lib.join_layers(layers, blocks, xcfg)}}
-  return state_lib.unflat(state_lib.flat(tree))  # Without the empty xattn subtrees.
 
 
 def backbone_paths(workdir: str) -> tuple[str, str, str]:
@@ -60,27 +42,38 @@ def backbone_paths(workdir: str) -> tuple[str, str, str]:
 
 
 def stage3(config, workdir: str, stage_dir: str, seconds: dict) -> dict:
-  """Trains `config` (flamingo_jax/configs/demo.py) in `stage_dir` on `workdir`'s tokenizer and frozen stage-1/2
+  """Trains `config` (configs/demo.py) in `stage_dir` on `workdir`'s tokenizer and frozen stage-1/2
   checkpoints (a config.lm_init already set is kept), then returns its few-shot results.
 
   experiments/sweep.py runs the paper's ablations through here.
   """
   config.input.tokenizer, config.vision_init, lm_init = backbone_paths(workdir)
   config.lm_init = config.lm_init or lm_init
-  _stage("stage 3: Flamingo", config, stage_dir, seconds)
+  _, trained = _stage("stage 3: Flamingo", config, stage_dir, seconds)
   start = time.perf_counter()
-  fewshot = evaluate.evaluate(config, stage_dir)
+  fewshot = _evaluate(config, stage_dir, trained)
   seconds["few-shot evaluation"] = time.perf_counter() - start
   return fewshot
 
 
-def _stage(title: str, config, workdir: str, seconds: dict) -> dict:
-  """Trains `config` in `workdir` (resuming) and returns its trainable parameters."""
+def _stage(title: str, config, workdir: str, seconds: dict) -> tuple[dict, bool]:
+  """Trains `config` in `workdir` (resuming): (its trainable parameters, whether a step ran)."""
   logging.info("===== %s: %d steps in %s =====", title, config.total_steps, workdir)
   start = time.perf_counter()
-  state, _, _ = trainer.train(config, workdir)
+  state, _, last = trainer.train(config, workdir)
   seconds[title] = time.perf_counter() - start
-  return state["params"]
+  return state["params"], bool(last)
+
+
+def _evaluate(config, stage_dir: str, trained: bool) -> dict:
+  """evaluate.evaluate's results, read back from stage_dir/eval.json when this run trained nothing
+  (the file was written for the same final checkpoint)."""
+  path = os.path.join(stage_dir, "eval.json")
+  if not trained and os.path.exists(path):
+    logging.info("Nothing trained in %s: its results are in %s.", stage_dir, path)
+    with open(path) as f:
+      return json.load(f)
+  return evaluate.evaluate(config, stage_dir)
 
 
 def train_tokenizer(path: str) -> tokenizer_lib.Tokenizer:
@@ -89,7 +82,7 @@ def train_tokenizer(path: str) -> tokenizer_lib.Tokenizer:
   tokenizer = tokenizer_lib.train_sentencepiece(
       datasets.text_corpus() + fewshot_lib.template_corpus(), demo_config.VOCAB_SIZE, path)
   if tokenizer.vocab_size != demo_config.VOCAB_SIZE:
-    raise ValueError(f"The tokenizer has {tokenizer.vocab_size} pieces; flamingo_jax/configs/demo.py expects "
+    raise ValueError(f"The tokenizer has {tokenizer.vocab_size} pieces; configs/demo.py expects "
                      f"VOCAB_SIZE={demo_config.VOCAB_SIZE}.")
   return tokenizer
 
@@ -111,22 +104,21 @@ def run(workdir: str, short: bool = False) -> str:
 
   c1 = nfnet_contrastive.get_config(arg)
   c1.input.tokenizer = tokenizer_path
-  params = _stage("stage 1: contrastive", c1, dirs["stage 1: contrastive"], seconds)
+  params, trained = _stage("stage 1: contrastive", c1, dirs["stage 1: contrastive"], seconds)
   if not epath.Path(vision_init).exists():
     ckpt_lib.save_params(vision_init, {"vision": params["vision"]})
-  retrieval = evaluate.evaluate(c1, dirs["stage 1: contrastive"])["retrieval"]
+  retrieval = _evaluate(c1, dirs["stage 1: contrastive"], trained)["retrieval"]
   logging.info("Stage 1 zero-shot retrieval: %s", retrieval)
 
-  c3 = demo_config.get_config(arg)
   c2 = lm_pretrain.get_config(arg)
   c2.input.tokenizer = tokenizer_path
-  params = _stage("stage 2: LM", c2, dirs["stage 2: LM"], seconds)
+  params, trained = _stage("stage 2: LM", c2, dirs["stage 2: LM"], seconds)
   if not epath.Path(lm_init).exists():
-    ckpt_lib.save_params(lm_init, lm_backbone(params, c3))
-  copying = evaluate.evaluate(c2, dirs["stage 2: LM"])["copying"]
+    ckpt_lib.save_params(lm_init, {"lm": params})  # Plain: it serves every placement.
+  copying = _evaluate(c2, dirs["stage 2: LM"], trained)["copying"]
   logging.info("Stage 2 in-context copying: %s", copying)
 
-  fewshot = stage3(c3, workdir, dirs["stage 3: Flamingo"], seconds)
+  fewshot = stage3(demo_config.get_config(arg), workdir, dirs["stage 3: Flamingo"], seconds)
   logging.info("Few-shot results: %s", json.dumps(fewshot))
   path = report.write(workdir, dirs, retrieval, copying, fewshot, seconds)
   logging.info("Wrote %s (%.0f s in all).", path, sum(seconds.values()))
@@ -137,7 +129,8 @@ class _OwnLogs(std_logging.Filter):
   """Keeps the progress readable: INFO lines from flamingo_jax only (orbax logs every save)."""
 
   def filter(self, record):
-    return record.levelno >= std_logging.WARNING or f"{os.sep}flamingo_jax{os.sep}" in record.pathname
+    return (record.levelno >= std_logging.WARNING
+            or f"{os.sep}flamingo_jax{os.sep}" in record.pathname)
 
 
 def main(argv):
@@ -146,6 +139,3 @@ def main(argv):
   logging.info("JAX devices: %s", jax.devices())
   print(run(_WORKDIR.value, _SHORT.value))
 
-
-if __name__ == "__main__":
-  app.run(main)

@@ -10,7 +10,7 @@ import dataclasses
 import numpy as np
 import tensorflow_datasets as tfds
 
-from flamingo_jax.data.datasets import scenes
+from flamingo_jax.demo.datasets import scenes
 
 
 @dataclasses.dataclass(kw_only=True)

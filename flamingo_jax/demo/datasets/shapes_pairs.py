@@ -6,8 +6,8 @@ and a large blue square on the right.'; `objects`, the drawn shapes' labels, lef
 import numpy as np
 import tensorflow_datasets as tfds
 
-from flamingo_jax.data.datasets import base
-from flamingo_jax.data.datasets import scenes
+from flamingo_jax.demo.datasets import base
+from flamingo_jax.demo.datasets import scenes
 
 
 class ShapesPairs(base.Builder):

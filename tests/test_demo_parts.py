@@ -1,0 +1,92 @@
+"""The demo's registered parts: its pp ops and its `names` task, found by name once imported."""
+import numpy as np
+import pytest
+
+from flamingo_jax.data import pp
+from flamingo_jax.data import tokenizer as tokenizer_lib
+from flamingo_jax.demo import tasks as demo_tasks
+from flamingo_jax.eval import tasks
+from tests.test_decode import char_tokenizer, tiny_setup
+
+CAPTIONS = ["a red circle", "a blue square above a tree", "two green triangles"]
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+  path = tmp_path_factory.mktemp("tok") / "sp.model"
+  return tokenizer_lib.train_sentencepiece(CAPTIONS * 10, 48, str(path))
+
+
+def _rng(seed=0):
+  return np.random.default_rng(seed)
+
+
+def _episode():
+  """A names episode as the data source gives it: shapes are ClassLabel ids, image i is all i."""
+  images = np.arange(6)[:, None, None, None] * np.ones((1, 4, 4, 3), np.uint8)
+  return {"support_images": images[:4], "support_shapes": np.array([0, 1, 0, 1]),
+          "query_images": images[4:], "query_shapes": np.array([1, 0]), "_rng": _rng(3)}
+
+
+def test_name_episode_binds_one_fresh_name_per_shape():
+  shape_of_image = [0, 1, 0, 1, 1, 0]
+  names = {}
+  for seed in (3, 4):
+    out = pp.build("name_episode(6)")({**_episode(), "_rng": _rng(seed)})
+    assert out["texts"][0] == "" and len(out["texts"]) == 7 and len(out["images"]) == 6
+    episode = {}
+    for image, text in zip(out["images"], out["texts"][1:]):
+      assert text.startswith("This is a ") and text.endswith("."), text
+      episode.setdefault(shape_of_image[int(image[0, 0, 0])], set()).add(text[10:-1])
+    assert all(len(n) == 1 for n in episode.values()) and episode[0] != episode[1]
+    names[seed] = episode
+  assert names[3] != names[4]  # Fresh names per example.
+
+
+def test_name_episode_needs_enough_images():
+  with pytest.raises(ValueError, match="num_shots=7 exceeds"):
+    pp.build("name_episode(7)")(_episode())
+
+
+def test_copy_tokens_repeats_a_fresh_run_of_text_pieces(tok):
+  runs = set()
+  for seed in range(6):
+    out = pp.build("copy_tokens(max_len=40, min_period=3, max_period=9)", tok)(
+        {"image": b"unused", "_rng": _rng(seed)})
+    assert sorted(out) == ["loss_mask", "media_idx", "tokens"]
+    tokens, mask = out["tokens"], out["loss_mask"]
+    assert tokens.shape == mask.shape == out["media_idx"].shape == (40,)
+    assert tokens[0] == tok.bos_id and not out["media_idx"].any()
+    period = int(np.argmax(mask)) - 1  # Targets start at the second copy.
+    assert 3 <= period <= 9 and mask[:period + 1].sum() == 0 and mask[period + 1:].all()
+    np.testing.assert_array_equal(tokens[1 + period:], tokens[1:40 - period])
+    assert not set(tokens[1:].tolist()) & tok.special_ids and (tokens[1:] < tok.vocab_size).all()
+    runs.add(tuple(tokens[1:period + 1]))
+  assert len(runs) == 6  # Fresh per example.
+
+
+@pytest.mark.parametrize("args", ["max_len=16, min_period=4, max_period=8",
+                                  "min_period=0", "min_period=9, max_period=8"])
+def test_copy_tokens_rejects_bad_periods(tok, args):
+  with pytest.raises(ValueError, match="copy_tokens: need 1 <= min_period"):
+    pp.build(f"copy_tokens({args})", tok)
+
+
+def test_names_reports_each_k_and_chance():
+  model, params = tiny_setup()
+  rng = np.random.default_rng(0)
+  image = lambda: rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+  names = ["dax", "blick"]
+  data = {"test": [{"choices": names, "support_images": np.stack([image() for _ in range(4)]),
+                    "support_names": names * 2, "query_images": np.stack([image(), image()]),
+                    "query_names": names} for _ in range(2)]}
+  out = demo_tasks.evaluate_names(model, params, char_tokenizer(), data, shots=(0, 2, 8))
+  assert set(out) == {"accuracy/0shot", "accuracy/2shot", "chance"}  # 8 > the 4 supports.
+  assert out["chance"] == 0.5 and all(0 <= v <= 1 for v in out.values())
+
+
+def test_tasks_are_found_by_name_and_unknown_ones_named():
+  assert tasks.get("names") is demo_tasks.names
+  assert {"vqa", "captioning"} <= {n for n in ("vqa", "captioning") if tasks.get(n)}
+  with pytest.raises(ValueError, match=r"'retrieval'.*config.modules"):
+    tasks.get("retrieval")
