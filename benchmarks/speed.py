@@ -225,8 +225,8 @@ def theirs_train(theirs, tokens: np.ndarray, vocab: int):
 def ours_generate(model, params, features: np.ndarray, tokens: np.ndarray, new_tokens: int):
   """(generate fn, compile seconds): resampler + `decode.greedy_search`, no stop ids."""
   lm = lm_lib.LM(model.lm, decode=True)
-  resample = decode.model_fn(model, lambda m, p, f: m.apply(
-      {"params": p}, f, method=lambda module, x: module.perceiver(x)))
+  resample = jax.jit(lambda p, f: model.apply(
+      {"params": p}, f, method=lambda module, x: module.visual_connector(x)))
   media_idx = np.cumsum(tokens == model.lm.vocab_size + 1, 1, dtype=np.int32)
   lengths = np.full(tokens.shape[0], tokens.shape[1], np.int32)
   features, tokens, params = jax.device_put((features, tokens, params))

@@ -23,7 +23,8 @@ from flamingo_jax import paths
 from flamingo_jax.demo import report
 
 _SWEEP = flags.DEFINE_string("sweep", "all", f"One of {sorted(sweeps.SWEEPS)}, or 'all'.")
-FLAGS = flags.FLAGS  # --workdir and --short (configs/demo.py:short) are the demo's flags.
+_WORKDIR = flags.DEFINE_string("workdir", None, "A demo workdir with stages 1-2 done.")
+_SHORT = flags.DEFINE_bool("short", False, "Stage 3 as configs/demo.py:short (a smoke run).")
 
 
 def check_workdir(workdir: str) -> None:
@@ -150,9 +151,10 @@ def run(workdir: str, sweep: str = "all", short: bool = False) -> list[str]:
 
 def main(argv):
   del argv
-  for path in run(FLAGS.workdir, _SWEEP.value, FLAGS.short):
+  for path in run(_WORKDIR.value, _SWEEP.value, _SHORT.value):
     print(path)
 
 
 if __name__ == "__main__":
+  flags.mark_flags_as_required(["workdir"])
   app.run(main)

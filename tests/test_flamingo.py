@@ -1,4 +1,6 @@
 """The composed Flamingo model: the paper's claims at the level of the whole model."""
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -6,6 +8,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from flamingo_jax.configs import tiny
 from flamingo_jax.models import flamingo
 from flamingo_jax.models import lm
 from flamingo_jax.models import xattn
@@ -160,3 +163,11 @@ def test_bad_resampler_kind_is_an_error():
   cfg.resampler.kind = "transformer"
   with pytest.raises(ValueError, match=r"model.resampler.kind='transformer'"):
     flamingo.from_config(cfg)
+
+
+def test_model_is_a_hashable_static_argument():
+  """Every field is a frozen config: the module can be a static jit argument (no id-keyed cache)."""
+  config = tiny.get_config()
+  a, b = flamingo.from_config(config.model), flamingo.from_config(config.model)
+  assert a == b and hash(a) == hash(b)
+  assert hash(dataclasses.replace(a.connector, num_latents=8)) != hash(a.connector)

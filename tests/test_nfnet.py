@@ -33,7 +33,7 @@ def _num_params(model):
 @pytest.fixture(scope="module")
 def tiny():
   """Tiny model with random params (SkipInit gains 1, so residuals count), built without init."""
-  model = nfnet.NFNet(**TINY, drop_path_rate=0.5)
+  model = nfnet.NFNet(nfnet.NFNetConfig(**TINY, drop_path_rate=0.5))
   rng = np.random.default_rng(0)
   flat = traverse_util.flatten_dict(nn.meta.unbox(_boxed_shapes(model)))
   params = traverse_util.unflatten_dict({
@@ -57,7 +57,7 @@ def test_grid_shape_and_param_names(tiny):
 
 
 def test_every_param_has_logical_axes():
-  model = nfnet.NFNet(**TINY, num_classes=10)
+  model = nfnet.NFNet(nfnet.NFNetConfig(**TINY, num_classes=10))
   flat = traverse_util.flatten_dict(_boxed_shapes(model))
   for path, box in flat.items():
     assert isinstance(box, nn.LogicallyPartitioned), path
@@ -67,7 +67,7 @@ def test_every_param_has_logical_axes():
 
 
 def test_head_returns_grid_and_logits():
-  model = nfnet.NFNet(**TINY, num_classes=10)
+  model = nfnet.NFNet(nfnet.NFNetConfig(**TINY, num_classes=10))
   params = nn.meta.unbox(_boxed_shapes(model))
   grid, logits = jax.eval_shape(model.apply, {"params": params}, IMAGES)
   assert grid.shape == (2, 2, 2, 256) and logits.shape == (2, 10)
@@ -98,13 +98,13 @@ def test_skipinit_blocks_start_as_their_shortcut(in_chs, strides):
 @pytest.mark.parametrize("n", range(8))
 def test_variant_depths(n):
   config = nfnet.nfnet_config(f"f{n}")
-  assert config["depths"] == ((n + 1) * 1, (n + 1) * 2, (n + 1) * 6, (n + 1) * 3)
-  assert config["channels"] == (256, 512, 1536, 1536) and config["num_features"] == 3072
+  assert config.depths == ((n + 1) * 1, (n + 1) * 2, (n + 1) * 6, (n + 1) * 3)
+  assert config.channels == (256, 512, 1536, 1536) and config.num_features == 3072
 
 
 def test_param_counts_match_timm_and_paper():
-  assert _num_params(nfnet.NFNet(**nfnet.nfnet_config("F0"))) == TIMM_F0_PARAMS
-  f6 = _num_params(nfnet.NFNet(**nfnet.nfnet_config("F6")))
+  assert _num_params(nfnet.NFNet(nfnet.nfnet_config("F0"))) == TIMM_F0_PARAMS
+  f6 = _num_params(nfnet.NFNet(nfnet.nfnet_config("F6")))
   print(f"NFNet-F6 parameters: {f6:,}")
   assert f6 == TIMM_F6_PARAMS
   assert abs(f6 - 435e6) / 435e6 < 0.01  # Flamingo paper, Table: 435M NFNet-F6.
@@ -113,7 +113,7 @@ def test_param_counts_match_timm_and_paper():
 @pytest.mark.parametrize("shape", [(2, 64, 64), (2, 64, 64, 4), (64, 64, 3, 1)])
 def test_bad_image_shape_raises(shape):
   with pytest.raises(ValueError, match="images: expected"):
-    jax.eval_shape(nfnet.NFNet(**TINY).init, jax.random.key(0),
+    jax.eval_shape(nfnet.NFNet(nfnet.NFNetConfig(**TINY)).init, jax.random.key(0),
                    jax.ShapeDtypeStruct(shape, jnp.float32))
 
 
@@ -124,7 +124,7 @@ def test_bad_image_shape_raises(shape):
 ])
 def test_bad_config_raises(overrides, match):
   with pytest.raises(ValueError, match=match):
-    _num_params(nfnet.NFNet(**{**TINY, **overrides}))
+    _num_params(nfnet.NFNet(nfnet.NFNetConfig(**{**TINY, **overrides})))
 
 
 @pytest.mark.parametrize("variant", ["F8", "B0", "nfnet_f0", ""])
@@ -139,7 +139,7 @@ def test_stochastic_depth_only_in_training(tiny):
   _, params, images, apply = tiny
   variables = {"params": params}
   evaluated = apply(variables, images)
-  no_drop = jax.jit(nfnet.NFNet(**TINY).apply)(variables, images)
+  no_drop = jax.jit(nfnet.NFNet(nfnet.NFNetConfig(**TINY)).apply)(variables, images)
   np.testing.assert_array_equal(evaluated, no_drop)
   keys = [jax.random.key(k, impl="rbg") for k in (0, 1)]
   train = [apply(variables, images, train=True, rngs={"dropout": key}) for key in keys]
@@ -148,7 +148,7 @@ def test_stochastic_depth_only_in_training(tiny):
 
 
 def test_bf16_compute_keeps_fp32_params():
-  model = nfnet.NFNet(**TINY, num_classes=10, dtype=jnp.bfloat16)
+  model = nfnet.NFNet(nfnet.NFNetConfig(**TINY, num_classes=10, dtype=jnp.bfloat16))
   params = nn.meta.unbox(_boxed_shapes(model))
   assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype(jnp.float32)}
   grid, logits = jax.eval_shape(model.apply, {"params": params}, IMAGES)
@@ -175,7 +175,8 @@ def test_safetensors_io_reads_shards(tmp_path):
 def test_scanned_blocks_match_unrolled():
   """scan_blocks (one compiled body per stage) computes what the blocks one by one do."""
   kw = dict(TINY, depths=(1, 3, 2, 1))
-  scanned, unrolled = nfnet.NFNet(**kw), nfnet.NFNet(**kw, scan_blocks=False)
+  scanned = nfnet.NFNet(nfnet.NFNetConfig(**kw))
+  unrolled = nfnet.NFNet(nfnet.NFNetConfig(**kw, scan_blocks=False))
   images = jax.random.normal(jax.random.key(1), IMAGES.shape)
   params = nn.meta.unbox(scanned.init(jax.random.key(0), images)["params"])
   params = jax.tree.map(lambda p: p + 0.5 if p.ndim == 0 else p, params)  # SkipInit gains != 0.

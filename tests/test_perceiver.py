@@ -69,7 +69,8 @@ def test_bad_rank_is_an_error(model_and_params):
 
 
 def test_mlp_connector_gives_one_token_per_spatial_feature():
-  model = perceiver.connector(dict(kind="mlp", dim=16, num_latents=S, ffw_mult=2, num_layers=6))
+  model = perceiver.connector(perceiver.connector_config(
+      dict(kind="mlp", dim=16, num_latents=S, ffw_mult=2, num_layers=6)))
   x = jax.random.normal(jax.random.PRNGKey(0), (B, N, T, S, C))
   params = nn.unbox(model.init(jax.random.PRNGKey(1), x))
   assert isinstance(model, perceiver.MlpConnector) and "latents" not in params["params"]
@@ -83,12 +84,15 @@ def test_mlp_connector_gives_one_token_per_spatial_feature():
 
 
 def test_mlp_connector_needs_num_latents_equal_to_spatial_features():
-  model = perceiver.connector(dict(kind="mlp", dim=16, num_latents=6))
+  model = perceiver.connector(perceiver.ConnectorConfig(kind="mlp", dim=16, num_latents=6))
   with pytest.raises(ValueError, match=r"set model.resampler.num_latents=5 \(S\), not 6"):
     model.init(jax.random.PRNGKey(1), jnp.zeros((B, N, T, S, C)))
 
 
 def test_unknown_connector_kind_is_an_error():
   with pytest.raises(ValueError, match=r"resampler.kind='linear'; expected 'perceiver' or 'mlp'"):
-    perceiver.connector(dict(kind="linear", dim=16))
-  assert isinstance(perceiver.connector(dict(dim=16)), perceiver.PerceiverResampler)
+    perceiver.connector_config(dict(kind="linear", dim=16))
+  with pytest.raises(ValueError, match=r"Unknown model.resampler keys \['latents'\]"):
+    perceiver.connector_config(dict(latents=16))
+  default = perceiver.connector(perceiver.connector_config(dict(dim=16)))
+  assert isinstance(default, perceiver.PerceiverResampler)

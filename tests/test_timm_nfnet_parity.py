@@ -47,8 +47,9 @@ def test_config_matches_timm(n):
   ours = nfnet.nfnet_config(f"F{n}")
   for field in ("depths", "channels", "stem_chs", "group_size", "bottle_ratio", "num_features",
                 "alpha"):
-    assert tuple(np.atleast_1d(ours[field])) == tuple(np.atleast_1d(getattr(cfg, field))), field
-  assert ours["se_ratio"] == cfg.attn_kwargs["rd_ratio"]
+    same = lambda a, b: tuple(np.atleast_1d(a)) == tuple(np.atleast_1d(b))
+    assert same(getattr(ours, field), getattr(cfg, field)), field
+  assert ours.se_ratio == cfg.attn_kwargs["rd_ratio"]
   # What NFNet hard-codes: the dm_ ("DeepMind-compatible") maths.
   assert (cfg.stem_type, cfg.act_layer, cfg.attn_layer) == ("deep_quad", "gelu", "se")
   assert cfg.attn_gain == 2.0
@@ -64,7 +65,7 @@ def test_param_count_equals_timm(variant, kwargs):
   with torch.device("meta"):
     theirs = timm.create_model(f"dm_nfnet_{variant.lower()}", pretrained=False,
                                num_classes=num_classes, **kwargs)
-  ours = nfnet.NFNet(**nfnet.nfnet_config(variant, **kwargs), num_classes=num_classes)
+  ours = nfnet.NFNet(nfnet.nfnet_config(variant, **kwargs, num_classes=num_classes))
   assert _num_params(ours) == sum(p.numel() for p in theirs.parameters())
 
 
@@ -77,7 +78,7 @@ def test_feature_grid_matches_timm(kwargs, hw, tmp_path, record_property):
   theirs = _timm(**{"num_classes": 0, **kwargs})
   path = str(tmp_path / "nfnet.safetensors")
   safetensors.torch.save_file(theirs.state_dict(), path)
-  model = nfnet.NFNet(**kwargs)
+  model = nfnet.NFNet(nfnet.NFNetConfig(**kwargs))
   params = timm_nfnet.load(path, model)
 
   images = np.random.RandomState(0).randn(2, *hw, 3).astype(np.float32)
@@ -86,13 +87,13 @@ def test_feature_grid_matches_timm(kwargs, hw, tmp_path, record_property):
     grid_ref = theirs.forward_features(x).permute(0, 2, 3, 1).numpy()
     logits_ref = theirs(x).numpy()
   out = jax.jit(model.apply)({"params": params}, images)
-  grid = np.asarray(out[0] if model.num_classes else out)
+  grid = np.asarray(out[0] if model.config.num_classes else out)
   rel = np.linalg.norm(grid - grid_ref) / np.linalg.norm(grid_ref)
   print(f"NFNet {kwargs['depths']} {hw}: grid relative error {rel:.2e}")
   record_property("grid_relative_error", float(rel))
   assert grid.shape == grid_ref.shape
   assert rel <= 1e-4
-  if model.num_classes:
+  if model.config.num_classes:
     np.testing.assert_allclose(np.asarray(out[1]), logits_ref, rtol=1e-4, atol=1e-4)
 
 
@@ -102,7 +103,7 @@ def test_convert_lists_every_problem():
   state["stages.2.0.conv1.weight"] = state["stages.2.0.conv1.weight"][:8]
   state["extra.weight"] = np.zeros(3, np.float32)
   with pytest.raises(ValueError) as error:
-    timm_nfnet.convert(state, nfnet.NFNet(**TINY))
+    timm_nfnet.convert(state, nfnet.NFNet(nfnet.NFNetConfig(**TINY)))
   message = str(error.value)
   for expected in ("stages_1_block_0/conv2/gain", "stages.2.0.conv1.weight (8, 64, 1, 1)",
                    "extra.weight", "head.fc.weight", "head.fc.bias", "3 checkpoint keys not used"):
@@ -110,11 +111,12 @@ def test_convert_lists_every_problem():
   # Skipping the head is explicit.
   del state["extra.weight"]
   with pytest.raises(ValueError) as error:
-    timm_nfnet.convert(state, nfnet.NFNet(**TINY), skip=(timm_nfnet.HEAD_KEYS,))
+    timm_nfnet.convert(state, nfnet.NFNet(nfnet.NFNetConfig(**TINY)),
+                       skip=(timm_nfnet.HEAD_KEYS,))
   assert "head.fc" not in str(error.value)
 
 
 def test_non_dm_nfnet_is_rejected():
   state = timm.create_model("nfnet_f0", pretrained=False, num_classes=0, **TINY).state_dict()
   with pytest.raises(ValueError, match="not a timm dm_nfnet_f"):
-    timm_nfnet.convert(state, nfnet.NFNet(**TINY))
+    timm_nfnet.convert(state, nfnet.NFNet(nfnet.NFNetConfig(**TINY)))

@@ -9,8 +9,8 @@ import pytest
 
 from flamingo_jax.configs import flamingo_3b
 from flamingo_jax.configs import tiny
+from flamingo_jax.models import losses
 from flamingo_jax.train import trainer
-from flamingo_jax.train.kinds import flamingo as flamingo_kind
 import train_helpers as helpers
 
 
@@ -39,7 +39,7 @@ def _batches(seed=0):
 def test_next_token_nll_uses_shifted_targets_and_mask():
   logits = jnp.log(jnp.array([[[0.5, 0.5], [0.9, 0.1], [0.2, 0.8]]]))  # [1, 3, 2]
   tokens = jnp.array([[0, 1, 1]])
-  loss = flamingo_kind.next_token_nll(logits, tokens, jnp.array([[1.0, 1.0, 0.0]]))
+  loss = losses.next_token_nll(logits, tokens, jnp.array([[1.0, 1.0, 0.0]]))
   np.testing.assert_allclose(loss, -np.log(0.5), rtol=1e-6)  # Only logits[0] -> tokens[1].
 
 

@@ -29,6 +29,7 @@ from flamingo_jax.convert import safetensors_io
 from flamingo_jax.convert import strict
 from flamingo_jax.models import flamingo
 from flamingo_jax.models import lm as lm_lib
+from flamingo_jax.models import nfnet
 from flamingo_jax.models import perceiver
 from flamingo_jax.models import xattn as xattn_lib
 
@@ -347,8 +348,9 @@ def convert(state: Mapping[str, np.ndarray], lm_cfg: lm_lib.LMConfig, lm_params:
   tensors, origins, problems = _canonical(state)
   resampler, cfg = _configs(tensors, lm_cfg, num_new_tokens, only_attend_immediate,
                             resampler_heads, xattn_heads)
-  model = flamingo.Flamingo(vision={}, resampler=resampler, lm=cfg, dtype=cfg.dtype,
-                            param_dtype=cfg.param_dtype)
+  model = flamingo.Flamingo(vision=nfnet.NFNetConfig(),
+                            connector=perceiver.connector_config(resampler), lm=cfg,
+                            dtype=cfg.dtype, param_dtype=cfg.param_dtype)
   ids = jax.ShapeDtypeStruct((1, 1), jnp.int32)
   features = jax.ShapeDtypeStruct((1, 1, 1, 1, resampler["dim"]), jnp.float32)
   shapes = nn.meta.unbox(jax.eval_shape(model.init, jax.random.key(0), None, ids, ids,

@@ -5,7 +5,7 @@ parameter shapes but different maths (symmetric instead of "SAME" padding, no Sk
 folded into the convs so its final activation lacks it); `nfnet_l*`/`eca_nfnet_*` also differ in
 widths and attention. Loading those fails with the list of mismatches.
 
-Usage: `params = load("dm_nfnet_f6.safetensors", NFNet(**nfnet_config("F6")), skip=(HEAD_KEYS,))`,
+Usage: `params = load("dm_nfnet_f6.safetensors", NFNet(nfnet_config("F6")), skip=(HEAD_KEYS,))`,
 then `model.apply({"params": params}, images)`.
 """
 import functools

@@ -10,14 +10,11 @@ re-run resumes training and evaluates only what trained anew. `--short` is the e
 (`:short` configs).
 """
 import json
-import logging as std_logging
 import os
 import time
 
-from absl import flags
 from absl import logging
 from etils import epath
-import jax
 
 from flamingo_jax import paths
 from flamingo_jax.configs import demo as demo_config
@@ -30,10 +27,6 @@ from flamingo_jax.eval import evaluate
 from flamingo_jax.eval import fewshot as fewshot_lib
 from flamingo_jax.train import checkpoint as ckpt_lib
 from flamingo_jax.train import trainer
-
-_WORKDIR = flags.DEFINE_string("workdir", "workdir", "Everything the demo writes goes here.")
-_SHORT = flags.DEFINE_bool("short", False, "The shortened run of the end-to-end test.")
-
 
 def backbone_paths(workdir: str) -> tuple[str, str, str]:
   """(tokenizer, stage-1 `{'vision': ...}`, stage-2 `{'lm': ...}`) of a demo workdir."""
@@ -123,19 +116,3 @@ def run(workdir: str, short: bool = False) -> str:
   path = report.write(workdir, dirs, retrieval, copying, fewshot, seconds)
   logging.info("Wrote %s (%.0f s in all).", path, sum(seconds.values()))
   return path
-
-
-class _OwnLogs(std_logging.Filter):
-  """Keeps the progress readable: INFO lines from flamingo_jax only (orbax logs every save)."""
-
-  def filter(self, record):
-    return (record.levelno >= std_logging.WARNING
-            or f"{os.sep}flamingo_jax{os.sep}" in record.pathname)
-
-
-def main(argv):
-  del argv
-  logging.get_absl_handler().addFilter(_OwnLogs())
-  logging.info("JAX devices: %s", jax.devices())
-  print(run(_WORKDIR.value, _SHORT.value))
-

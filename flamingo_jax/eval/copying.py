@@ -12,7 +12,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from flamingo_jax.data import tokenizer as tokenizer_lib
-from flamingo_jax.train.kinds import flamingo as flamingo_kind
+from flamingo_jax.models import losses
 
 # logits_fn: tokens [B, L] int32 -> logits [B, L, V] (next-token scores at every position).
 LogitsFn = Callable[[np.ndarray], np.ndarray]
@@ -42,7 +42,7 @@ def repeat_nll(logits_fn: LogitsFn, tokens: np.ndarray) -> dict[str, float]:
   for name, start in (("first_copy_nll", 2), ("second_copy_nll", length + 2)):
     mask = (position >= start) & (position < start + length - 1)  # Target positions.
     mask = np.broadcast_to(mask, tokens.shape).astype(np.float32)
-    result[name] = float(flamingo_kind.next_token_nll(logits, tokens, mask) / mask.sum())
+    result[name] = float(losses.next_token_nll(logits, tokens, mask) / mask.sum())
   return result
 
 

@@ -9,7 +9,7 @@ max_new_tokens) compiles once, whatever lengths are generated. The loop stops wh
 beam) has emitted a stop token or after max_new_tokens.
 """
 import functools
-from typing import Any, Callable, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -17,28 +17,10 @@ import numpy as np
 
 from flamingo_jax.models import lm as lm_lib
 
-_MODEL_FNS: dict[tuple[int, Callable], tuple[Any, Callable]] = {}
-
-
-def model_fn(model, fn: Callable) -> Callable:
-  """`fn(model, *args)` jitted once per model.
-
-  Flamingo modules hold dicts, so they cannot be static jit arguments; the entry keeps the model
-  alive, so its id stays unique.
-  """
-  key = (id(model), fn)
-  if key not in _MODEL_FNS:
-    _MODEL_FNS[key] = (model, jax.jit(functools.partial(fn, model)))
-  return _MODEL_FNS[key][1]
-
-
-def _encode(model, params, images):
-  return model.apply({"params": params}, images, method=model.encode_images)
-
-
+@functools.partial(jax.jit, static_argnums=0)
 def visual_tokens(model, params, images) -> jax.Array:
   """images [B, N, T, H, W, 3] -> the resampler's visual tokens [B, N, R, D] (the LM's keys)."""
-  return model_fn(model, _encode)(params, images)
+  return model.apply({"params": params}, images, method=model.encode_images)
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, image_id: int,

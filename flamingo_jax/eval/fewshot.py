@@ -18,6 +18,7 @@ import numpy as np
 from flamingo_jax.eval import decode
 from flamingo_jax.eval import metrics
 from flamingo_jax.models import lm as lm_lib
+from flamingo_jax.models import losses
 
 SHOTS = (0, 4, 8, 16, 32)
 ZERO_SHOT_TEXTS = 2  # Text-only examples in a zero-shot prompt (paper §3).
@@ -71,6 +72,7 @@ def rices_support(support_emb, query_emb, k: int) -> np.ndarray:
   return np.argsort(sim, axis=1, kind="stable")[:, -k:]
 
 
+@functools.partial(jax.jit, static_argnums=0)
 def _embed(model, params, images):
   pooled = lambda m, x: m.vision_encoder(x, train=False).mean(axis=(1, 2))
   return model.apply({"params": params}, images, method=pooled)
@@ -78,13 +80,12 @@ def _embed(model, params, images):
 
 def image_embeddings(model, params, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
   """images [M, H, W, 3] -> mean-pooled frozen vision-encoder features [M, C] (for RICES)."""
-  fn = decode.model_fn(model, _embed)
   out = []
   for start in range(0, len(images), batch_size):
     chunk = images[start:start + batch_size]
     padded = np.concatenate([chunk, np.zeros((batch_size - len(chunk), *chunk.shape[1:]),
                                              chunk.dtype)])  # One shape, one compile.
-    out.append(np.asarray(fn(params, padded))[:len(chunk)])
+    out.append(np.asarray(_embed(model, params, padded))[:len(chunk)])
   return np.concatenate(out)
 
 
@@ -92,8 +93,7 @@ def image_embeddings(model, params, images: np.ndarray, batch_size: int = 64) ->
 def sequence_logprob(lm: lm_lib.LM, params, visual, tokens, media_idx, target_mask):
   """Sum over t of log p(tokens[t] | tokens[<t]) where target_mask[t]: [B]. Right-padded rows."""
   logits = lm.apply({"params": params}, tokens, visual, media_idx)  # [B, L, V]
-  logp = jnp.take_along_axis(jax.nn.log_softmax(logits[:, :-1]), tokens[:, 1:, None], 2)[..., 0]
-  return (logp * target_mask[:, 1:]).sum(-1)
+  return (losses.next_token_logprobs(logits, tokens) * target_mask[:, 1:]).sum(-1)
 
 
 def score_choices(model, params, tokenizer, shot_texts: Sequence[str], shot_visual, query_visual,

@@ -8,6 +8,7 @@ config, so stage 3 loads it unchanged as the frozen encoder.
 
 The joint-space axis of the projections is replicated (logical name None): the matrices are small.
 """
+import dataclasses
 import math
 from typing import Any, Sequence
 
@@ -32,7 +33,7 @@ class ContrastiveModel(nn.Module):
   temperature []): unit-norm float32 embeddings and the inverse temperature that scales their
   cosine similarities, clipped at `max_temperature` (CLIP's 100).
   """
-  vision: dict
+  vision: nfnet.NFNetConfig
   text: dict
   embed_dim: int = 1376
   temperature_init: float = 1 / 0.07
@@ -43,7 +44,8 @@ class ContrastiveModel(nn.Module):
   @nn.compact
   def __call__(self, images, tokens, train: bool = False):
     dt = dict(dtype=jnp.dtype(self.dtype), param_dtype=jnp.dtype(self.param_dtype))
-    grid = nfnet.NFNet(**{**dt, **self.vision}, name="vision")(images, train)  # [B, h, w, C]
+    grid = nfnet.NFNet(dataclasses.replace(self.vision, **dt), name="vision")(
+        images, train)  # [B, h, w, C]
     img = layers.dense(self.embed_dim, ("vis_embed", None), **dt, name="img_proj")(
         grid.mean(axis=(1, 2)))  # [B, E]
     txt = text_encoder.TextEncoder(**{**dt, **self.text}, name="text")(tokens)  # [B, D]
@@ -97,7 +99,7 @@ def from_config(model_cfg: Any) -> ContrastiveModel:
   vision = dict(model_cfg["vision"])
   variant = vision.pop("variant", "F0")
   vision = nfnet.nfnet_config(variant, **vision)
-  if vision.get("num_classes", 0):
+  if vision.num_classes:
     raise ValueError("vision.num_classes: expected 0 (no head), so the `vision` tree loads into "
                      "Flamingo unchanged.")
   text = dict(model_cfg["text"])

@@ -8,6 +8,7 @@ and `lm/new_token_embed` (trainable).
 Inputs (see flamingo_jax/data/interleave.py): images [B, N, T, H, W, 3], tokens [B, L],
 media_idx [B, L] (1-based index of the last <image> at or before each token, 0 = none).
 """
+import dataclasses
 from typing import Any
 
 import flax.linen as nn
@@ -31,14 +32,15 @@ def lm_config(model_cfg: Any) -> lm_lib.LMConfig:
 
 
 class Flamingo(nn.Module):
-  """Build with `from_config(config.model)`.
+  """Build with `from_config(config.model)`; every field is a frozen config, so the module is
+  hashable (a static jit argument).
 
   `decode=True` gives the incremental-decoding model: call it once on the prompt (images given) to
   fill the LM's KV cache and every xattn block's visual keys/values, then once per new token with
   images=None (see flamingo_jax/eval/decode.py).
   """
-  vision: dict
-  resampler: dict
+  vision: nfnet.NFNetConfig
+  connector: perceiver.ConnectorConfig
   lm: lm_lib.LMConfig
   dtype: str = "float32"
   param_dtype: str = "float32"
@@ -46,8 +48,8 @@ class Flamingo(nn.Module):
 
   def setup(self):
     dt = dict(dtype=jnp.dtype(self.dtype), param_dtype=jnp.dtype(self.param_dtype))
-    self.vision_encoder = nfnet.NFNet(**{**dt, **self.vision}, name="vision")
-    self.perceiver = perceiver.connector(self.resampler, **dt, name="resampler")
+    self.vision_encoder = nfnet.NFNet(dataclasses.replace(self.vision, **dt), name="vision")
+    self.visual_connector = perceiver.connector(self.connector, **dt, name="resampler")
     self.language_model = lm_lib.LM(self.lm, decode=self.decode, name="lm")
 
   def encode_images(self, images):
@@ -57,7 +59,7 @@ class Flamingo(nn.Module):
     b, n, t, h, w, _ = images.shape
     grid = self.vision_encoder(images.reshape(b * n * t, h, w, 3), train=False)  # [BNT, h, w, C]
     grid = layers.constrain_batch(jax.lax.stop_gradient(grid))
-    return self.perceiver(grid.reshape(b, n, t, -1, grid.shape[-1]))  # [B, N, T, S, C] in
+    return self.visual_connector(grid.reshape(b, n, t, -1, grid.shape[-1]))  # [B, N, T, S, C] in
 
   def __call__(self, images, tokens, media_idx, features=None):
     """-> logits [B, L, V + n_new] (float32).
@@ -66,7 +68,7 @@ class Flamingo(nn.Module):
     vision encoder with precomputed (frozen) features, e.g. from a CLIP ViT for OpenFlamingo.
     """
     if features is not None:
-      visual = self.perceiver(jax.lax.stop_gradient(features))
+      visual = self.visual_connector(jax.lax.stop_gradient(features))
     else:
       visual = None if images is None else self.encode_images(images)
     return self.language_model(tokens, visual, media_idx)
@@ -77,8 +79,8 @@ def from_config(model_cfg: Any, decode: bool = False) -> Flamingo:
   remat_policy)."""
   vision = dict(model_cfg.vision)
   variant = vision.pop("variant", "F0")
-  perceiver.connector(model_cfg.resampler)  # A bad resampler.kind fails here, not at init.
   return Flamingo(
-      vision=nfnet.nfnet_config(variant, **vision), resampler=dict(model_cfg.resampler),
+      vision=nfnet.nfnet_config(variant, **vision),
+      connector=perceiver.connector_config(model_cfg.resampler),
       lm=lm_config(model_cfg), dtype=model_cfg.get("dtype", "float32"),
       param_dtype=model_cfg.get("param_dtype", "float32"), decode=decode)

@@ -13,6 +13,7 @@ Logical axis names of the parameters:
   SkipInit gains           ()  (scalars)
   classification head      kernel ('vis_embed', 'classes'); bias ('classes',)
 """
+import dataclasses
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -40,12 +41,32 @@ def _make_divisible(v, divisor=8, round_limit=0.9):
   return new_v + divisor if new_v < round_limit * v else new_v
 
 
-def nfnet_config(variant: str, **overrides) -> dict[str, Any]:
+@dataclasses.dataclass(frozen=True)
+class NFNetConfig:
+  """The NFNet's hyper-parameters (defaults: F0; `nfnet_config` gives F0..F7), one hashable value
+  that modules hold and derive with `dataclasses.replace`, as the flax lm1b example does."""
+  depths: Sequence[int] = _F0_DEPTHS
+  channels: Sequence[int] = (256, 512, 1536, 1536)
+  stem_chs: int = 128
+  group_size: int = 128
+  bottle_ratio: float = 0.5
+  se_ratio: float = 0.5
+  num_features: int = 3072
+  alpha: float = 0.2
+  drop_path_rate: float = 0.0
+  std_conv_eps: float = 1e-5
+  num_classes: int = 0
+  scan_blocks: bool = True
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+
+def nfnet_config(variant: str, **overrides) -> NFNetConfig:
   """NFNet fields for variant 'F0'..'F7' (case-insensitive), with `overrides` applied on top."""
   name = variant.upper()
   if len(name) != 2 or name[0] != "F" or name[1] not in "01234567":
     raise ValueError(f"variant: expected one of F0..F7, got {variant!r}.")
-  unknown = set(overrides) - set(NFNet.__dataclass_fields__) - {"parent", "name"}
+  unknown = set(overrides) - {f.name for f in dataclasses.fields(NFNetConfig)}
   if unknown:
     raise ValueError(f"overrides: unknown NFNet fields {sorted(unknown)}.")
   config = dict(
@@ -58,7 +79,7 @@ def nfnet_config(variant: str, **overrides) -> dict[str, Any]:
       num_features=3072,
       alpha=0.2,
   )
-  return {**config, **overrides}
+  return NFNetConfig(**{**config, **overrides})
 
 
 class StdConv(nn.Module):
@@ -173,7 +194,7 @@ class NFBlock(nn.Module):
 
 
 class NFNet(nn.Module):
-  """Normaliser-free ResNet (NFNet-F); defaults are F0, see `nfnet_config` for F0..F7.
+  """Normaliser-free ResNet (NFNet-F) of `config` (default F0; `nfnet_config` for F0..F7).
 
   `__call__(images [B, H, W, 3], train)` returns the feature grid [B, H/32, W/32, num_features]
   (after the final conv and activation, before pooling); with `num_classes` > 0 it returns
@@ -181,20 +202,7 @@ class NFNet(nn.Module):
   with `train=True` and needs the 'dropout' rng; its rate grows linearly over blocks to
   `drop_path_rate`, as in timm. `scan_blocks` compiles each stage's same-shape blocks as one scan.
   """
-  depths: Sequence[int] = _F0_DEPTHS
-  channels: Sequence[int] = (256, 512, 1536, 1536)
-  stem_chs: int = 128
-  group_size: int = 128
-  bottle_ratio: float = 0.5
-  se_ratio: float = 0.5
-  num_features: int = 3072
-  alpha: float = 0.2
-  drop_path_rate: float = 0.0
-  std_conv_eps: float = 1e-5
-  num_classes: int = 0
-  scan_blocks: bool = True
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
+  config: NFNetConfig = NFNetConfig()
 
   def _same_shape_blocks(self, blocks, x, train):
     """Blocks 1.. of a stage, which share their shapes.
@@ -204,8 +212,9 @@ class NFNet(nn.Module):
     ops; benchmarks/AOT.md). Parameters keep their per-block names (checkpoints, converters and
     AGC see plain conv kernels); initialisation and stochastic depth run the blocks one by one.
     """
-    if not blocks or not self.scan_blocks or self.is_initializing() or (
-        train and self.drop_path_rate > 0):
+    cfg = self.config
+    if not blocks or not cfg.scan_blocks or self.is_initializing() or (
+        train and cfg.drop_path_rate > 0):
       for block in blocks:
         x = block(x, train)
       return x
@@ -218,48 +227,49 @@ class NFNet(nn.Module):
 
   @nn.compact
   def __call__(self, images, train: bool = False):
+    cfg = self.config
     if images.ndim != 4 or images.shape[-1] != 3:
       raise ValueError(f"images: expected [B, H, W, 3], got shape {images.shape}.")
-    if len(self.depths) != len(self.channels):
-      raise ValueError(f"depths {self.depths} and channels {self.channels} differ in length.")
-    for field, value in (("stem_chs", self.stem_chs), ("num_features", self.num_features),
-                         *(("channels", c) for c in self.channels)):
+    if len(cfg.depths) != len(cfg.channels):
+      raise ValueError(f"depths {cfg.depths} and channels {cfg.channels} differ in length.")
+    for field, value in (("stem_chs", cfg.stem_chs), ("num_features", cfg.num_features),
+                         *(("channels", c) for c in cfg.channels)):
       if value <= 0 or value % 8:
         raise ValueError(f"{field}: expected a positive multiple of 8, got {value}.")
     conv = lambda n, name, k=1, s=1: StdConv(
-        n, k, s, 1, self.std_conv_eps, self.dtype, self.param_dtype, name=name)
+        n, k, s, 1, cfg.std_conv_eps, cfg.dtype, cfg.param_dtype, name=name)
 
     # Stem: four 3x3 convs, stride 4 in total.
-    x = images.astype(self.dtype)  # [B, H, W, 3]
+    x = images.astype(cfg.dtype)  # [B, H, W, 3]
     for i, (div, stride) in enumerate(zip((8, 4, 2, 1), (2, 1, 1, 2))):
       if i:
         x = _gelu(x)
-      x = conv(self.stem_chs // div, f"stem_conv{i + 1}", 3, stride)(x)  # [B, H/4, W/4, stem_chs]
+      x = conv(cfg.stem_chs // div, f"stem_conv{i + 1}", 3, stride)(x)  # [B, H/4, W/4, stem_chs]
 
-    num_blocks = sum(self.depths)
+    num_blocks = sum(cfg.depths)
     block_idx = 0
     expected_var = 1.0
-    for stage, (depth, features) in enumerate(zip(self.depths, self.channels)):
+    for stage, (depth, features) in enumerate(zip(cfg.depths, cfg.channels)):
       blocks = []
       for b in range(depth):
         blocks.append(NFBlock(
             features, strides=2 if stage and not b else 1, beta=expected_var**-0.5,
-            alpha=self.alpha, group_size=self.group_size, bottle_ratio=self.bottle_ratio,
-            se_ratio=self.se_ratio,
-            drop_path_rate=self.drop_path_rate * block_idx / max(num_blocks - 1, 1),
-            eps=self.std_conv_eps, dtype=self.dtype, param_dtype=self.param_dtype,
+            alpha=cfg.alpha, group_size=cfg.group_size, bottle_ratio=cfg.bottle_ratio,
+            se_ratio=cfg.se_ratio,
+            drop_path_rate=cfg.drop_path_rate * block_idx / max(num_blocks - 1, 1),
+            eps=cfg.std_conv_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
             name=f"stages_{stage}_block_{b}"))
         # Each block adds alpha^2 to the variance; a stage's first block resets it (fresh shortcut).
-        expected_var = (1.0 if b == 0 else expected_var) + self.alpha**2
+        expected_var = (1.0 if b == 0 else expected_var) + cfg.alpha**2
         block_idx += 1
       x = self._same_shape_blocks(blocks[1:], blocks[0](x, train), train)
 
-    grid = _gelu(conv(self.num_features, "final_conv")(x))  # [B, H/32, W/32, num_features]
-    if not self.num_classes:
+    grid = _gelu(conv(cfg.num_features, "final_conv")(x))  # [B, H/32, W/32, num_features]
+    if not cfg.num_classes:
       return grid
     head_init = nn.initializers.normal(0.01)
     logits = nn.Dense(
-        self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype, name="head",
+        cfg.num_classes, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="head",
         kernel_init=nn.with_logical_partitioning(head_init, ("vis_embed", "classes")),
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("classes",)),
     )(grid.mean(axis=(1, 2)))  # [B, num_classes]

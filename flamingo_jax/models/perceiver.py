@@ -137,21 +137,41 @@ class MlpConnector(nn.Module):
     return layers.norm("layernorm", **kw, name="norm")(x)
 
 
-_MLP_FIELDS = ("dim", "num_latents", "ffw_mult", "activation")
+@dataclasses.dataclass(frozen=True)
+class ConnectorConfig:
+  """config.model.resampler: what maps visual features to the LM's visual tokens. `kind` is
+  'perceiver' (the paper's) or 'mlp' (its ablation, which uses dim, num_latents, ffw_mult and
+  activation only)."""
+  kind: str = "perceiver"
+  dim: int = 1536
+  num_layers: int = 6
+  num_heads: int = 16
+  head_dim: int = 128
+  num_latents: int = 64
+  max_frames: int = 8
+  ffw_mult: int = 4
+  activation: str = "sqrelu"
+
+  def __post_init__(self):
+    if self.kind not in ("perceiver", "mlp"):
+      raise ValueError(f"model.resampler.kind={self.kind!r}; expected 'perceiver' or 'mlp'.")
 
 
-def connector(cfg: dict, **kwargs) -> nn.Module:
-  """config.model.resampler -> its module; `kind` 'perceiver' (default) or 'mlp'.
-
-  'mlp' uses dim, num_latents, ffw_mult and activation; the attention sizes do not apply to it.
-  """
+def connector_config(cfg) -> ConnectorConfig:
+  """A ConnectorConfig from a dict / ConfigDict, with an error that names any unknown key."""
   cfg = dict(cfg)
-  kind = cfg.pop("kind", "perceiver")
-  if kind == "perceiver":
-    return PerceiverResampler(**cfg, **kwargs)
-  if kind == "mlp":
-    unknown = set(cfg) - {f.name for f in dataclasses.fields(PerceiverResampler)}
-    if unknown:
-      raise ValueError(f"Unknown model.resampler keys {sorted(unknown)}.")
-    return MlpConnector(**{k: v for k, v in cfg.items() if k in _MLP_FIELDS}, **kwargs)
-  raise ValueError(f"model.resampler.kind={kind!r}; expected 'perceiver' or 'mlp'.")
+  unknown = set(cfg) - {f.name for f in dataclasses.fields(ConnectorConfig)}
+  if unknown:
+    raise ValueError(f"Unknown model.resampler keys {sorted(unknown)}; expected a subset of "
+                     f"{sorted(f.name for f in dataclasses.fields(ConnectorConfig))}.")
+  return ConnectorConfig(**cfg)
+
+
+def connector(cfg: ConnectorConfig, **kwargs) -> nn.Module:
+  """The module of `cfg` (kwargs: dtype, param_dtype, name)."""
+  fields = dataclasses.asdict(cfg)
+  del fields["kind"]
+  if cfg.kind == "mlp":
+    return MlpConnector(**{k: fields[k] for k in ("dim", "num_latents", "ffw_mult", "activation")},
+                        **kwargs)
+  return PerceiverResampler(**fields, **kwargs)

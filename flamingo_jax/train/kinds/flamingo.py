@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from flamingo_jax.models import flamingo
+from flamingo_jax.models import losses
 from flamingo_jax.models import lm as lm_lib
 from flamingo_jax.train import checkpoint as ckpt_lib
 from flamingo_jax.train import state as state_lib
@@ -37,16 +38,9 @@ def apply(module, params, batch):
   return module.apply({"params": params}, batch["images"], batch["tokens"], batch["media_idx"])
 
 
-def next_token_nll(logits, tokens, loss_mask):
-  """Sum of -log p(tokens[:, t] | logits[:, t-1]) weighted by loss_mask[:, t]. [B, L, V] -> []."""
-  logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32))
-  nll = -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]  # [B, L-1]
-  return jnp.sum(nll * loss_mask[:, 1:])
-
-
 def loss(logits, batch):
   """(NLL sum, number of target tokens, {})."""
-  return (next_token_nll(logits, batch["tokens"], batch["loss_mask"]),
+  return (losses.next_token_nll(logits, batch["tokens"], batch["loss_mask"]),
           jnp.sum(batch["loss_mask"][:, 1:]), {})
 
 
