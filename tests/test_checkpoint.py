@@ -77,12 +77,39 @@ def test_corrupt_latest_checkpoint_falls_back_with_a_warning(reference, tmp_path
   ref_dir, cache = reference
   workdir = tmp_path / "w"
   shutil.copytree(ref_dir, workdir)
-  for f in (workdir / "checkpoints" / "6" / "state").rglob("*"):
-    if f.is_file() and f.stat().st_size > 0 and "ocdbt" in str(f):
-      f.write_bytes(f.read_bytes()[:len(f.read_bytes()) // 2])  # Truncate the array data.
+  _truncate_arrays(workdir / "checkpoints" / "6")
   result = helpers.run(workdir, cache_dir=cache)
   assert "checkpoints/6 cannot be read" in result.stderr
   assert (workdir / "checkpoints_corrupt" / "6").exists()
+  assert _tree_equal(helpers.final_state(ref_dir), helpers.final_state(workdir))
+
+
+def _truncate_arrays(step_dir):
+  for f in (step_dir / "state").rglob("*"):
+    if f.is_file() and f.stat().st_size > 0 and "ocdbt" in str(f):
+      f.write_bytes(f.read_bytes()[:len(f.read_bytes()) // 2])
+
+
+@pytest.mark.slow
+def test_no_readable_checkpoint_is_an_error_until_the_user_starts_over(reference, tmp_path):
+  """Losing all progress is never a default: every checkpoint unreadable -> an error naming each,
+  nothing moved; the explicit flag moves them aside and trains from step 0."""
+  ref_dir, cache = reference
+  workdir = tmp_path / "w"
+  shutil.copytree(ref_dir, workdir)
+  steps = sorted(p.name for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+  for step in steps:
+    _truncate_arrays(workdir / "checkpoints" / step)
+  result = helpers.run(workdir, cache_dir=cache, check=False)
+  assert result.returncode != 0
+  assert "UnreadableCheckpointsError" in result.stderr
+  for step in steps:
+    assert f"step {step}: " in result.stderr
+  assert "--config.start_over_if_unreadable=True" in result.stderr
+  assert not (workdir / "checkpoints_corrupt").exists()
+  assert steps == sorted(p.name for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+  helpers.run(workdir, "--config.start_over_if_unreadable=True", cache_dir=cache)
+  assert sorted(p.name for p in (workdir / "checkpoints_corrupt").iterdir()) == steps
   assert _tree_equal(helpers.final_state(ref_dir), helpers.final_state(workdir))
 
 

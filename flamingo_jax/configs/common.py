@@ -77,6 +77,9 @@ def training(total_steps: int) -> ml_collections.ConfigDict:
       keep_last=3,
       keep_every=0,  # Also keep every keep_every-th step (0 = none).
       ckpt_async=True,
+      # Checkpoints exist but none can be read: False stops with an error listing each; True
+      # moves them to checkpoints_corrupt/ and starts from step 0.
+      start_over_if_unreadable=False,
       log_every=50,
   ))
 

@@ -111,22 +111,34 @@ def save(manager: ocp.CheckpointManager, step: int, train_state: Any, data_state
       state=ocp.args.StandardSave(train_state), data=ocp.args.JsonSave(data_state)), force=force)
 
 
-def _quarantine(manager: ocp.CheckpointManager, step: int, error: Exception) -> None:
+class UnreadableCheckpointsError(RuntimeError):
+  """Checkpoints exist but none can be read: starting over would lose all progress."""
+
+
+def _quarantine(manager: ocp.CheckpointManager, step: int, error: Exception, why: str) -> None:
   src = epath.Path(manager.directory) / str(step)
   dst = epath.Path(manager.directory).parent / "checkpoints_corrupt" / str(step)
   while dst.exists():  # Never overwrite an earlier quarantined copy.
     dst = dst.with_name(dst.name + "_")
-  logging.warning("Checkpoint %s cannot be read (%s: %s); moving it to %s and using the previous "
-                  "one.", src, type(error).__name__, error, dst)
+  logging.warning("Checkpoint %s cannot be read (%s: %s); moving it to %s %s.", src,
+                  type(error).__name__, error, dst, why)
   if jax.process_index() == 0:
     dst.parent.mkdir(parents=True, exist_ok=True)
     src.rename(dst)
   multihost_utils.sync_global_devices(f"quarantine_{step}")
-  manager.reload()
 
 
-def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any) -> tuple[Any, dict] | None:
-  """(train state, data state) from the newest readable checkpoint, or None if there is none."""
+def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any,
+                   start_over_if_unreadable: bool = False) -> tuple[Any, dict] | None:
+  """(train state, data state) from the newest readable checkpoint, or None if there is none.
+
+  Unreadable newer checkpoints are moved to checkpoints_corrupt/ once an older one has been read.
+  When checkpoints exist and none can be read (a storage or permission fault hits them all the
+  same way), nothing is moved and UnreadableCheckpointsError lists each one with its error, unless
+  `start_over_if_unreadable` (config.start_over_if_unreadable) asks to move them all aside and
+  start from step 0.
+  """
+  failures = {}
   for step in sorted(manager.all_steps(), reverse=True):
     item = epath.Path(manager.directory) / str(step) / "state"
     try:
@@ -136,9 +148,24 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any) -> tuple
     except ShapeMismatchError:
       raise
     except Exception as e:  # pylint: disable=broad-except  (any read failure: truncated, garbled)
-      _quarantine(manager, step, e)
+      failures[step] = e
       continue
+    for bad, error in failures.items():
+      _quarantine(manager, bad, error, f"and resuming from step {step}")
+    if failures:
+      manager.reload()
     logging.info("Resuming from %s.", item.parent)
     return restored.state, dict(restored.data)
+  if failures and not start_over_if_unreadable:
+    raise UnreadableCheckpointsError(
+        f"No checkpoint in {manager.directory} can be read, so resuming would lose all progress; "
+        "nothing was moved or deleted:\n  " + "\n  ".join(
+            f"step {step}: {type(e).__name__}: {e}" for step, e in failures.items()) +
+        "\nFix the cause (storage, permissions) and re-run, or pass "
+        "--config.start_over_if_unreadable=True to move them to checkpoints_corrupt/ and start "
+        "from step 0.")
+  for bad, error in failures.items():
+    _quarantine(manager, bad, error, "and starting over (config.start_over_if_unreadable)")
+  if failures:
+    manager.reload()
   return None
-

@@ -207,7 +207,8 @@ def train(config, workdir: str) -> tuple[dict, dict, dict]:
 
   # ----------------------------------------------------------------------- checkpoint (resume)
   manager = ckpt_lib.make_manager(workdir, config)
-  restored = ckpt_lib.restore_latest(manager, abstract_state)
+  restored = ckpt_lib.restore_latest(manager, abstract_state,
+                                     config.get("start_over_if_unreadable", False))
   if restored is not None:
     train_state, data_state = restored
     data.set_state(data_state)
