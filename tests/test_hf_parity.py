@@ -15,6 +15,7 @@ import transformers
 
 from flamingo_jax.convert import hf
 from flamingo_jax.models import lm as lm_lib
+from flamingo_jax.models import xattn as xattn_lib
 from flamingo_jax.train import state as state_lib
 
 pytestmark = pytest.mark.parity
@@ -117,7 +118,7 @@ def test_xattn_blocks_with_zero_gates_keep_the_lm(tmp_path, placement, xattn_lay
   """The converted plain LM regrouped (`lm.to_layout`) beside fresh xattn blocks, gates at 0."""
   model = tiny_hf_lm(tmp_path, "llama", num_hidden_layers=3)
   plain_cfg, plain = hf.load_hf_lm(str(tmp_path))
-  cfg = dataclasses.replace(plain_cfg, xattn=lm_lib.XattnConfig(
+  cfg = dataclasses.replace(plain_cfg, xattn=xattn_lib.XattnConfig(
       every=2, placement=placement, num_heads=2, head_dim=16))
   assert lm_lib.xattn_layer_indices(cfg) == xattn_layers
   tokens = random_tokens()

@@ -68,7 +68,7 @@ def reference_forward(cfg, params, tokens, visual, media_idx):
   xc = cfg.xattn
   for i, layer in enumerate(layer_trees):
     if i in lm.xattn_layer_indices(cfg):
-      block = xattn_lib.GatedXattnDense(xc.num_heads, R, xc.head_dim, xc.ffw_mult, xc.activation)
+      block = xattn_lib.GatedXattnDense(xc, R)
       y = block.apply({"params": next(blocks)}, y, visual, media_idx)
     y, _ = lm.DecoderLayer(cfg).apply({"params": layer}, y, positions)
   y = nn.LayerNorm(epsilon=cfg.norm_eps).apply({"params": params["norm_final"]}, y)

@@ -61,9 +61,9 @@ def xattn_case(only_attend_immediate):
   locations[:, [2, 5]] = True  # Tokens 0-1 precede any image.
   media_idx = locations.cumsum(-1).numpy().astype(np.int32)
   params = open_flamingo.convert_xattn_block(state_of(theirs), heads=2)
-  module = xattn.GatedXattnDense(num_heads=2, num_latents=4, head_dim=8, ffw_mult=2,
-                                 activation="gelu", only_attend_immediate=only_attend_immediate,
-                                 norm_kv=False)
+  module = xattn.GatedXattnDense(xattn.XattnConfig(
+      num_heads=2, head_dim=8, ffw_mult=2, activation="gelu",
+      only_attend_immediate=only_attend_immediate, norm_kv=False), num_latents=4)
   ours = np.asarray(module.apply({"params": params}, x.numpy(), media.numpy(), media_idx))
   with torch.no_grad():
     expected = theirs(x, media, media_locations=locations).numpy()

@@ -64,7 +64,7 @@ def test_tokens_before_any_image_get_zero_output():
 
 def block_and_params(gated=True, **kw):
   y, visual = inputs()
-  block = xattn.GatedXattnDense(num_heads=2, num_latents=R, head_dim=8, gated=gated, **kw)
+  block = xattn.GatedXattnDense(xattn.XattnConfig(num_heads=2, head_dim=8, gated=gated, **kw), R)
   return block, nn.unbox(block.init(jax.random.PRNGKey(2), y, visual, MEDIA_IDX)), y, visual
 
 

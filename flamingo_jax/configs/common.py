@@ -2,6 +2,26 @@
 import ml_collections
 
 
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+  """A config's argument (`--config=file.py:ARG`), big_vision style: 'name=value,flag,...' over
+  `defaults`, a bare name setting a boolean. An unknown name is an error that lists the known ones,
+  so a typo never runs the default config."""
+  parsed = ml_collections.ConfigDict(defaults)
+  for item in filter(None, (arg or "").split(",")):
+    name, has_value, value = item.partition("=")
+    if name not in defaults:
+      raise ValueError(f"Unknown config argument {name!r} in {arg!r}; this config takes "
+                       f"{sorted(defaults) or 'no argument'}.")
+    default = defaults[name]
+    if isinstance(default, bool):
+      if has_value and value not in ("True", "False"):
+        raise ValueError(f"Config argument {name}={value!r}; expected True or False.")
+      parsed[name] = value != "False"
+    else:
+      parsed[name] = type(default)(value)
+  return parsed
+
+
 def paper_model(*, lm_layers: int, lm_dim: int, lm_heads: int, xattn_every: int,
                 xattn_heads: int) -> ml_collections.ConfigDict:
   """A Flamingo model config as the paper describes it.

@@ -60,7 +60,7 @@ def training(total_steps: int, lr: float, short: bool) -> ml_collections.ConfigD
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  short = arg == "short"
+  short = common.parse_arg(arg, short=False).short
   config = training(total_steps=400, lr=3e-3, short=short)
   # The connector is the paper's "Resampler: MLP" ablation (models/perceiver.py:MlpConnector), not
   # its Perceiver Resampler (configs/flamingo_*.py): at 32 px the NFNet gives one feature per image,

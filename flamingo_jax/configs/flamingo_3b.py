@@ -15,7 +15,7 @@ from flamingo_jax.configs import common
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  del arg
+  common.parse_arg(arg)  # Takes none: any argument is an error.
   config = common.training(total_steps=500_000)
   config.mesh = (1, -1, 1)  # (data, fsdp, model)
   config.model = common.paper_model(lm_layers=24, lm_dim=2048, lm_heads=16, xattn_every=1,

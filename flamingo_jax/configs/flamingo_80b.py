@@ -21,7 +21,7 @@ from flamingo_jax.configs import common
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  del arg
+  common.parse_arg(arg)  # Takes none: any argument is an error.
   config = common.training(total_steps=500_000)
   # (data, fsdp, model): FSDP must divide the widths (8192, 1536), which 96 does not; 1,536 chips
   # are 3 x 32 x 16 (still 96 data-parallel groups), 512 v5p chips 1 x 32 x 16.

@@ -14,11 +14,12 @@ between steps ~500 and ~700 (copy gain 0.7 nats after 500 steps, 5.9 after 800).
 """
 import ml_collections
 
+from flamingo_jax.configs import common
 from flamingo_jax.configs import demo
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  short = arg == "short"
+  short = common.parse_arg(arg, short=False).short
   config = demo.training(total_steps=800, lr=1e-3, short=short)
   config.model_name = "lm"
   config.model = ml_collections.ConfigDict(demo.lm(xattn=False))

@@ -9,11 +9,12 @@ AGC (paper: 0.01) clips the NFNet's gradients. `:short` is the end-to-end test's
 """
 import ml_collections
 
+from flamingo_jax.configs import common
 from flamingo_jax.configs import demo
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  short = arg == "short"
+  short = common.parse_arg(arg, short=False).short
   config = demo.training(total_steps=200 if short else 800, lr=2e-3, short=short)
   config.model_name = "contrastive"
   config.model = ml_collections.ConfigDict(dict(

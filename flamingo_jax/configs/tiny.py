@@ -26,7 +26,7 @@ def get_model_config() -> ml_collections.ConfigDict:
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  del arg
+  common.parse_arg(arg)  # Takes none: any argument is an error.
   config = common.training(total_steps=20)
   config.model = get_model_config()
   config.image_size = 32

@@ -232,9 +232,10 @@ def convert_xattn_block(state: Mapping[str, np.ndarray], heads: int = DEFAULT_HE
   `GatedCrossAttentionBlock.state_dict()`."""
   state = {k: np.asarray(v) for k, v in state.items()}
   q, kv = _require(state, "attn.to_q.weight", "query"), _require(state, "attn.to_kv.weight", "kv")
-  module = xattn_lib.GatedXattnDense(
-      num_heads=heads, num_latents=1, head_dim=_head_dim(q, heads, "xattn"), norm_kv=False,
-      ffw_mult=_ffw_mult(_require(state, "ff.1.weight", "FFW"), "xattn"), activation="gelu")
+  module = xattn_lib.GatedXattnDense(xattn_lib.XattnConfig(
+      num_heads=heads, head_dim=_head_dim(q, heads, "xattn"), norm_kv=False,
+      ffw_mult=_ffw_mult(_require(state, "ff.1.weight", "FFW"), "xattn"), activation="gelu"),
+      num_latents=1)
   args = (jax.ShapeDtypeStruct((1, 1, q.shape[1]), jnp.float32),
           jax.ShapeDtypeStruct((1, 1, 1, kv.shape[1]), jnp.float32),
           jax.ShapeDtypeStruct((1, 1), jnp.int32))
@@ -258,7 +259,7 @@ def _configs(tensors, lm_cfg, num_new_tokens, only_attend_immediate, resampler_h
                      "with <PAD>).")
   resampler = resampler_config(tensors, "perceiver.", resampler_heads)
   at, every = _xattn_layers(tensors, lm_cfg.num_layers)
-  xattn = lm_lib.XattnConfig(
+  xattn = xattn_lib.XattnConfig(
       every=every, placement="open_flamingo", num_heads=xattn_heads, activation="gelu",
       head_dim=_head_dim(_require(tensors, f"xattn.{at[0]}.attn.to_q.weight", "xattn query"),
                          xattn_heads, "xattn"),

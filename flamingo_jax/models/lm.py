@@ -34,25 +34,6 @@ from flamingo_jax.models import xattn as xattn_lib
 
 
 @dataclasses.dataclass(frozen=True)
-class XattnConfig:
-  """config.model.lm.xattn. The switches are the paper's ablations (Table 3, §2.3)."""
-  every: int = 1  # A block before layer 0 and every n-th layer (Table 3: 1, 2, 4).
-  placement: str = "paper"  # 'paper' | 'open_flamingo'
-  num_heads: int = 8
-  head_dim: int = 128
-  ffw_mult: int = 4
-  activation: str = "sqrelu"
-  only_attend_immediate: bool = True  # Per-image masking; False: all previous images (§2.3).
-  norm_kv: bool = True
-  gated: bool = True  # tanh gates; False: y += xattn(y, x); y += ffw(y) ("w/o tanh gating").
-
-  def __post_init__(self):
-    for name in ("only_attend_immediate", "norm_kv", "gated"):
-      if not isinstance(getattr(self, name), bool):
-        raise ValueError(f"lm.xattn.{name}={getattr(self, name)!r}; expected True or False.")
-
-
-@dataclasses.dataclass(frozen=True)
 class LMConfig:
   """Hyper-parameters of the LM. Sizes follow the usual names; see the module docstring."""
   vocab_size: int
@@ -77,7 +58,7 @@ class LMConfig:
   tied_embeddings: bool = True
   use_bias: bool = False
   final_norm: bool = True
-  xattn: XattnConfig | None = None
+  xattn: xattn_lib.XattnConfig | None = None
   num_latents: int = 64  # Visual tokens per image, from the resampler.
   dtype: str = "float32"
   param_dtype: str = "float32"
@@ -109,12 +90,13 @@ def make_config(cfg: Any) -> LMConfig:
   """An LMConfig from a dict / ConfigDict, with an error that names any unknown key."""
   cfg = dict(cfg)
   xcfg = cfg.pop("xattn", None)
-  for name, cls, given in (("lm", LMConfig, cfg), ("lm.xattn", XattnConfig, dict(xcfg or {}))):
+  for name, cls, given in (("lm", LMConfig, cfg),
+                           ("lm.xattn", xattn_lib.XattnConfig, dict(xcfg or {}))):
     unknown = set(given) - {f.name for f in dataclasses.fields(cls)}
     if unknown:
       raise ValueError(f"Unknown {name} config keys {sorted(unknown)}; expected a subset of "
                        f"{sorted(f.name for f in dataclasses.fields(cls))}.")
-  return LMConfig(**cfg, xattn=None if xcfg is None else XattnConfig(**dict(xcfg)))
+  return LMConfig(**cfg, xattn=None if xcfg is None else xattn_lib.XattnConfig(**dict(xcfg)))
 
 
 def xattn_layout(num_layers: int, every: int, placement: str) -> tuple[int, int, int]:
@@ -282,10 +264,7 @@ class XattnGroup(nn.Module):
     cfg, xc = self.cfg, self.cfg.xattn
     x = layers.constrain_batch(x)
     block = layers.remat(xattn_lib.GatedXattnDense, cfg.remat_policy, static_argnums=(4,))
-    x = block(num_heads=xc.num_heads, num_latents=cfg.num_latents, head_dim=xc.head_dim,
-              ffw_mult=xc.ffw_mult, activation=xc.activation,
-              only_attend_immediate=xc.only_attend_immediate, norm_kv=xc.norm_kv,
-              gated=xc.gated, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype),
+    x = block(xc, cfg.num_latents, jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype),
               name="xattn")(x, visual, media_idx, self.decode)
     x, _ = _layer_stack(cfg, self.length, self.decode, "layers")(x, positions, key_mask)
     return x, None

@@ -6,6 +6,8 @@ token (0 = no image yet). By default a token sees only that image's R tokens (th
 masking); `only_attend_immediate=False` is the paper's ablation (all previous images). Tokens with
 media_idx 0 get a zero cross-attention output, so they are exactly as the frozen LM computes them.
 """
+import dataclasses
+
 import flax.linen as nn
 import jax.numpy as jnp
 
@@ -24,6 +26,26 @@ def media_mask(media_idx, num_media: int, num_latents: int, only_attend_immediat
   q = media_idx[:, :, None]
   allowed = (key_media == q) if only_attend_immediate else (key_media <= q)
   return allowed[:, None]
+
+
+@dataclasses.dataclass(frozen=True)
+class XattnConfig:
+  """config.model.lm.xattn. The switches are the paper's ablations (Table 3, §2.3)."""
+  every: int = 1  # A block before layer 0 and every n-th layer (Table 3: 1, 2, 4).
+  placement: str = "paper"  # 'paper' | 'open_flamingo'
+  num_heads: int = 8
+  head_dim: int = 128
+  ffw_mult: int = 4
+  activation: str = "sqrelu"
+  only_attend_immediate: bool = True  # Per-image masking; False: all previous images (§2.3).
+  norm_kv: bool = True
+  gated: bool = True  # tanh gates; False: y += xattn(y, x); y += ffw(y) ("w/o tanh gating").
+
+  def __post_init__(self):
+    for name in ("only_attend_immediate", "norm_kv", "gated"):
+      if not isinstance(getattr(self, name), bool):
+        raise ValueError(f"lm.xattn.{name}={getattr(self, name)!r}; expected True or False.")
+
 
 
 class MaskedCrossAttention(nn.Module):
@@ -78,29 +100,24 @@ class GatedXattnDense(nn.Module):
   """y += tanh(a_attn)·xattn(y, x);  y += tanh(a_ffw)·ffw(y), with scalar gates a initialised at 0.
 
   At initialisation the block is the identity, so Flamingo starts out equal to the frozen LM.
-  `gated=False` drops the tanh gates (the paper's ablation).
+  `cfg.gated=False` drops the tanh gates (the paper's ablation). R = num_latents visual tokens per
+  image come from the resampler.
   """
-  num_heads: int
+  cfg: XattnConfig
   num_latents: int
-  head_dim: int = 128
-  ffw_mult: int = 4
-  activation: str = "sqrelu"
-  only_attend_immediate: bool = True
-  norm_kv: bool = True
-  gated: bool = True
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, y, visual, media_idx, decode: bool = False):
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    cfg, kw = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype)
     g_attn = g_ffw = 1.0
-    if self.gated:
+    if cfg.gated:
       gate_init = nn.with_logical_partitioning(nn.initializers.zeros_init(), ())
       g_attn = jnp.tanh(self.param("attn_gate", gate_init, (), self.param_dtype))
       g_ffw = jnp.tanh(self.param("ffw_gate", gate_init, (), self.param_dtype))
-    attn = MaskedCrossAttention(self.num_heads, self.num_latents, self.head_dim,
-                                self.only_attend_immediate, self.norm_kv, **kw, name="attn")
+    attn = MaskedCrossAttention(cfg.num_heads, self.num_latents, cfg.head_dim,
+                                cfg.only_attend_immediate, cfg.norm_kv, **kw, name="attn")
     y = y + jnp.asarray(g_attn, y.dtype) * attn(y, visual, media_idx, decode)
-    ffw = layers.FeedForward(self.ffw_mult, self.activation, **kw, name="ffw")
+    ffw = layers.FeedForward(cfg.ffw_mult, cfg.activation, **kw, name="ffw")
     return y + jnp.asarray(g_ffw, y.dtype) * ffw(y)
