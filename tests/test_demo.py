@@ -32,7 +32,7 @@ def _run_demo(cwd, cache) -> str:
   checkout, with the package as installed (no PYTHONPATH)."""
   result = subprocess.run([sys.executable, "-m", "flamingo_jax.demo", "--workdir=wd", "--short"],
                           cwd=cwd, env=helpers.env(cache, pythonpath=False), capture_output=True,
-                          text=True, timeout=1500)
+                          text=True, timeout=2400)
   assert result.returncode == 0, result.stderr[-5000:]
   return result.stdout.strip().splitlines()[-1]
 
