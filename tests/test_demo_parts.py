@@ -90,3 +90,19 @@ def test_tasks_are_found_by_name_and_unknown_ones_named():
   assert {"vqa", "captioning"} <= {n for n in ("vqa", "captioning") if tasks.get(n)}
   with pytest.raises(ValueError, match=r"'retrieval'.*config.modules"):
     tasks.get("retrieval")
+
+
+def test_a_stage_stopped_early_ends_the_demo(monkeypatch):
+  """SIGTERM mid-stage: the demo exits (0) instead of turning half-trained weights into the next
+  stage's frozen backbone."""
+  from flamingo_jax.configs import demo as demo_config  # pylint: disable=g-import-not-at-top
+  from flamingo_jax.demo import run  # pylint: disable=g-import-not-at-top
+  config = demo_config.get_config()
+  monkeypatch.setattr(run.trainer, "train", lambda c, w: ({"step": np.int32(3), "params": {}},
+                                                          None, {"loss": 1.0}))
+  with pytest.raises(SystemExit) as stopped:
+    run._stage("stage 1", config, "unused", {})  # pylint: disable=protected-access
+  assert stopped.value.code == 0
+  monkeypatch.setattr(run.trainer, "train", lambda c, w: (
+      {"step": np.int32(config.total_steps), "params": {"a": 1}}, None, {}))
+  assert run._stage("stage 1", config, "unused", {}) == ({"a": 1}, False)  # pylint: disable=protected-access

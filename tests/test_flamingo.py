@@ -133,7 +133,7 @@ def test_xattn_ablation_switches_reach_every_block(field):
 
   with nn.intercept_methods(record):
     model.apply({"params": params}, *inputs)
-  assert blocks and all(getattr(b, field) is False for b in blocks)
+  assert blocks and all(getattr(b.cfg, field) is False for b in blocks)
   names = {p[-1].key for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]}
   assert ("attn_gate" in names) == (field != "gated")
 

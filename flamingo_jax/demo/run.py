@@ -11,6 +11,7 @@ re-run resumes training and evaluates only what trained anew. `--short` is the e
 """
 import json
 import os
+import sys
 import time
 
 from absl import logging
@@ -55,6 +56,11 @@ def _stage(title: str, config, workdir: str, seconds: dict) -> tuple[dict, bool]
   start = time.perf_counter()
   state, _, last = trainer.train(config, workdir)
   seconds[title] = time.perf_counter() - start
+  step = int(state["step"])
+  if step < config.total_steps:  # Stopped by SIGTERM: nothing half-trained may become a backbone.
+    logging.warning("%s stopped at step %d of %d (checkpoint saved); re-run to resume.", title,
+                    step, config.total_steps)
+    sys.exit(0)
   return state["params"], bool(last)
 
 
