@@ -69,17 +69,9 @@ def nfnet_config(variant: str, **overrides) -> NFNetConfig:
   unknown = set(overrides) - {f.name for f in dataclasses.fields(NFNetConfig)}
   if unknown:
     raise ValueError(f"overrides: unknown NFNet fields {sorted(unknown)}.")
-  config = dict(
-      depths=tuple((int(name[1]) + 1) * d for d in _F0_DEPTHS),
-      channels=(256, 512, 1536, 1536),
-      stem_chs=128,
-      group_size=128,
-      bottle_ratio=0.5,
-      se_ratio=0.5,
-      num_features=3072,
-      alpha=0.2,
-  )
-  return NFNetConfig(**{**config, **overrides})
+  # F_n differs from F0 (NFNetConfig's defaults) only in its depths.
+  depths = tuple((int(name[1]) + 1) * d for d in _F0_DEPTHS)
+  return NFNetConfig(**{"depths": depths, **overrides})
 
 
 class StdConv(nn.Module):
