@@ -4,8 +4,10 @@
 Modes (each a small function in MODES):
   train               train here (all of this host's devices); re-running the command resumes.
   local_multiprocess  the same training as --num_processes processes on this machine (CPU, gloo).
-  tpu_pod             copy the code to a TPU VM pod, install jax[tpu] and train on every worker
-                      (prints the gcloud commands with --dry_run).
+  tpu_pod             copy the code (git's files only) to a TPU VM pod, install jax[tpu] and start
+                      the training detached on every worker; --pod_action=logs shows each
+                      worker's log, --pod_action=stop stops it with a checkpoint (--dry_run
+                      prints the commands).
   compile             compile the train step for --topology (e.g. v4-3072, v5p:8x8x16) on this host
                       (needs libtpu, no TPU and no --workdir) and print per-chip memory, FLOPs per
                       step, compile time and the step time at --mfu (flamingo_jax/train/aot.py).
@@ -18,6 +20,7 @@ import shlex
 import socket
 import subprocess
 import sys
+import tempfile
 
 from absl import app
 from absl import flags
@@ -36,16 +39,24 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", 0, "This process (set by local_
 _COORDINATOR = flags.DEFINE_string("coordinator", "", "host:port of process 0 (multi-process).")
 _MULTIHOST = flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() with its "
                                "auto-detected settings (TPU pods).")
+_HEARTBEAT_TIMEOUT = flags.DEFINE_integer(
+    "heartbeat_timeout_s", 20, "Multi-process: when one process has sent no heartbeat for this "
+    "long (killed, host lost), the others stop with an error instead of waiting on it.")
 _TPU = flags.DEFINE_string("tpu", "", "tpu_pod: the TPU VM name.")
 _ZONE = flags.DEFINE_string("zone", "", "tpu_pod: its zone.")
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "tpu_pod: print the commands, run nothing.")
+_POD_ACTION = flags.DEFINE_enum("pod_action", "start", ["start", "logs", "stop"],
+                                "tpu_pod: start the run detached, show each worker's log, or stop "
+                                "it (SIGTERM: a checkpoint, then exit).")
+_LOG_LINES = flags.DEFINE_integer("log_lines", 50, "tpu_pod --pod_action=logs: lines per worker.")
 _TOPOLOGY = flags.DEFINE_string("topology", "", "compile: a TPU type (v4-128; v4 and v5p count "
                                 "TensorCores) or topology (v4:4x4x4).")
 _MFU = flags.DEFINE_float("mfu", 0.5, "compile: the model FLOPs utilisation for the step time.")
 
 # Flags that select the mode; everything else in argv is passed on to the training processes.
 _MODE_FLAGS = ("--mode", "--num_processes", "--process_id", "--coordinator", "--multihost",
-               "--tpu", "--zone", "--dry_run", "--nodry_run", "--topology", "--mfu")
+               "--tpu", "--zone", "--dry_run", "--nodry_run", "--topology", "--mfu",
+               "--pod_action", "--log_lines")
 
 
 def _train_argv(argv: list[str]) -> list[str]:
@@ -57,13 +68,24 @@ def train(argv):
   """Trains in this process (one of several when --coordinator or --multihost is given)."""
   del argv
   import jax  # pylint: disable=g-import-not-at-top  (after the flags set the platform up)
+  # A process that stops sending heartbeats (killed, its host gone) ends the others after this.
+  timeout = {"heartbeat_timeout_seconds": _HEARTBEAT_TIMEOUT.value}
   if _COORDINATOR.value:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                               **timeout)
   elif _MULTIHOST.value:
-    jax.distributed.initialize()
+    jax.distributed.initialize(**timeout)
+  from flamingo_jax.train import checkpoint  # pylint: disable=g-import-not-at-top
   from flamingo_jax.train import trainer  # pylint: disable=g-import-not-at-top
-  trainer.train(_CONFIG.value, _WORKDIR.value)
+  try:
+    trainer.train(_CONFIG.value, _WORKDIR.value)
+  except checkpoint.SaveError as e:
+    # The writer threads are stuck on the failed write: exit now, with the error as the last line,
+    # rather than wait on them (a hang) or print their shutdown tracebacks.
+    logging.error("%s", e)
+    sys.stderr.flush()
+    os._exit(1)
 
 
 def local_multiprocess(argv):
@@ -95,27 +117,23 @@ def _cpu_device_count() -> int:
   return 1
 
 
-def tpu_pod_commands(argv) -> list[list[str]]:
-  """The gcloud commands: copy the code, install a venv with jax[tpu], train on all workers."""
+def tpu_pod(argv):
+  """Starts the run detached on every worker (or shows its logs, or stops it: --pod_action)."""
+  from flamingo_jax import tpu_pod as pod  # pylint: disable=g-import-not-at-top
   if not _TPU.value or not _ZONE.value:
     raise app.UsageError("--mode=tpu_pod needs --tpu=NAME and --zone=ZONE.")
-  vm = ["gcloud", "compute", "tpus", "tpu-vm"]
-  where = [_TPU.value, f"--zone={_ZONE.value}", "--worker=all"]
-  code_dir = os.path.dirname(os.path.abspath(__file__))
-  setup = ("python3 -m venv ~/flamingo_venv && ~/flamingo_venv/bin/pip install -q -U 'jax[tpu]' "
-           "-e ~/flamingo_jax")
-  run = ("cd ~/flamingo_jax && ~/flamingo_venv/bin/python launch.py "
-         + " ".join(shlex.quote(a) for a in _train_argv(argv)) + " --multihost")
-  return [[*vm, "scp", "--recurse", code_dir, f"{_TPU.value}:~/flamingo_jax", *where[1:]],
-          [*vm, "ssh", *where, f"--command={setup}"],
-          [*vm, "ssh", *where, f"--command={run}"]]
-
-
-def tpu_pod(argv):
-  for command in tpu_pod_commands(argv):
-    print(shlex.join(command))
+  code = os.path.dirname(os.path.abspath(__file__))
+  archive = os.path.join(tempfile.gettempdir(), "flamingo_jax_code.tgz")
+  commands = pod.commands(_POD_ACTION.value, _TPU.value, _ZONE.value, _train_argv(argv), code,
+                          archive, _LOG_LINES.value)
+  for command in commands:
+    print(shlex.join(command) if command[0] != "tar" else
+          shlex.join(command[:5]) + f" <{len(command) - 5} files: git ls-files>")
     if not _DRY_RUN.value:
       subprocess.run(command, check=True)
+  if _POD_ACTION.value == "start":
+    print(f"Started. Logs: --mode=tpu_pod --pod_action=logs; stop (saves a checkpoint): "
+          f"--pod_action=stop; each worker logs to {pod.LOG}.")
 
 
 def compile_for_topology(argv):
@@ -142,12 +160,16 @@ MODES = {"train": train, "local_multiprocess": local_multiprocess, "tpu_pod": tp
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}.")
-  if not _WORKDIR.value and _MODE.value != "compile":
+  pod_control = _MODE.value == "tpu_pod" and _POD_ACTION.value != "start"
+  if _CONFIG.value is None and not pod_control:
+    raise app.UsageError("--config is required (e.g. --config=flamingo_jax/configs/tiny.py).")
+  if not _WORKDIR.value and _MODE.value != "compile" and not pod_control:
     raise app.UsageError("--workdir is required.")
+  from flamingo_jax import console  # pylint: disable=g-import-not-at-top  (imports jax)
+  console.setup()
   logging.info("Mode %s.", _MODE.value)
   MODES[_MODE.value](sys.argv)
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["config"])
   app.run(main)

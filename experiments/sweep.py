@@ -18,8 +18,9 @@ from absl import flags
 from absl import logging
 
 from experiments import sweeps
-from flamingo_jax.demo import run as demo
+from flamingo_jax import console
 from flamingo_jax import paths
+from flamingo_jax.demo import run as demo
 from flamingo_jax.demo import report
 
 _SWEEP = flags.DEFINE_string("sweep", "all", f"One of {sorted(sweeps.SWEEPS)}, or 'all'.")
@@ -151,6 +152,7 @@ def run(workdir: str, sweep: str = "all", short: bool = False) -> list[str]:
 
 def main(argv):
   del argv
+  console.setup()
   for path in run(_WORKDIR.value, _SWEEP.value, _SHORT.value):
     print(path)
 

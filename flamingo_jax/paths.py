@@ -3,11 +3,18 @@
 Orbax refuses relative checkpoint paths, and a relative path means something else once a process
 changes directory, so every local path is made absolute (with `~` expanded) at the edge; URLs such
 as `gs://bucket/run` are kept as they are.
+
+Every file under a workdir goes through etils.epath, local and gs:// alike; orbax does the same
+(its arrays through TensorStore's own GCS driver). For gs:// epath would pick TensorFlow's file
+system whenever TF is installed (tfds needs it); we pin it to gcsfs, the fsspec standard, which
+honours STORAGE_EMULATOR_HOST, so the test against a local GCS emulator runs the code a pod runs.
 """
 import os
 import re
 
 import ml_collections
+
+os.environ.setdefault("EPATH_USE_TF", "false")
 
 # Config fields that hold paths; '*' matches every key at that level (each dataset).
 CONFIG_PATH_FIELDS = ("vision_init", "lm_init", "init_from", "input.tokenizer",

@@ -2,7 +2,10 @@
 torch."""
 import os
 
+import pytest
+
 from tests import peers
+import train_helpers as helpers
 
 # Must happen before jax initialises its backends.
 # Fast compiles: tests run many small programs once each, so XLA's expensive passes cost more
@@ -16,3 +19,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 peers.patch_torchvision_ops()
+
+
+@pytest.fixture(scope="session")
+def reference(tmp_path_factory):
+  """An uninterrupted run of the tiny config (train_helpers.TINY); its final checkpoint is the
+  target of every resume test. -> (workdir, compilation cache)."""
+  cache = helpers.shared_dir(tmp_path_factory, "jax_cache")
+  workdir = tmp_path_factory.mktemp("reference")
+  helpers.run(workdir, cache_dir=cache)
+  return workdir, cache

@@ -38,15 +38,6 @@ def test_load_params_names_every_mismatch(tmp_path):
     ckpt_lib.load_params(str(tmp_path / "nothing"), wanted)
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-  """An uninterrupted run of the tiny config; its final checkpoint is the target of every resume."""
-  cache = helpers.shared_dir(tmp_path_factory, "jax_cache")
-  workdir = tmp_path_factory.mktemp("reference")
-  helpers.run(workdir, cache_dir=cache)
-  return workdir, cache
-
-
 def _start_and_signal(workdir, cache, sig, after_steps):
   """Starts the run, sends `sig` after `after_steps` more logged steps; -> (exit code, stderr)."""
   start = len(helpers.metrics(workdir))

@@ -1,7 +1,15 @@
 """launch.py: flags, config overrides, multi-process and TPU pod modes."""
+import os
+import pathlib
+import signal
+import subprocess
+import time
+
+import jax
 import numpy as np
 import pytest
 
+from flamingo_jax import tpu_pod
 import train_helpers as helpers
 
 
@@ -35,22 +43,102 @@ def test_bad_config_override_names_the_key(tmp_path, cache, override, message):
 
 
 def test_tpu_pod_dry_run_prints_the_gcloud_commands(tmp_path, cache):
-  result = helpers.run(tmp_path, "--mode=tpu_pod", "--tpu=my-pod", "--zone=us-central2-b",
-                       "--dry_run", cache_dir=cache)
-  lines = result.stdout.strip().splitlines()
-  assert len(lines) == 3
-  assert lines[0].startswith("gcloud compute tpus tpu-vm scp --recurse")
-  assert "--worker=all" in lines[1] and "jax[tpu]" in lines[1]
-  assert "launch.py" in lines[2] and "flamingo_jax/configs/tiny.py" in lines[2]
-  assert "--multihost" in lines[2] and "--mode" not in lines[2] and "--dry_run" not in lines[2]
+  pod = ["--mode=tpu_pod", "--tpu=my-pod", "--zone=us-central2-b", "--dry_run"]
+  lines = helpers.run(tmp_path, *pod, cache_dir=cache).stdout.strip().splitlines()
+  assert len(lines) == 5
+  assert lines[0].startswith("tar czf") and "files: git ls-files>" in lines[0]
+  assert lines[1].startswith("gcloud compute tpus tpu-vm scp") and "--worker=all" in lines[1]
+  assert "--recurse" not in lines[1]  # The tarball of git's files, not the directory.
+  assert "--worker=all" in lines[2] and "jax[tpu]" in lines[2]
+  run = lines[3]
+  assert "nohup" in run and "launch.py" in run and "flamingo_jax/configs/tiny.py" in run
+  assert "> ~/flamingo_run.log 2>&1" in run and "echo $! > ~/flamingo_run.pid" in run
+  assert "--multihost" in run and "--mode" not in run and "--dry_run" not in run
+  assert "--pod_action=logs" in lines[4]
+  logs = helpers.run(tmp_path, *pod, "--pod_action=logs", cache_dir=cache).stdout
+  assert "tail -n 50 ~/flamingo_run.log" in logs and "--worker=all" in logs
+  stop = helpers.run(tmp_path, *pod, "--pod_action=stop", cache_dir=cache).stdout
+  assert "kill -TERM $(cat ~/flamingo_run.pid)" in stop
+
+
+def test_tpu_pod_copies_the_code_not_the_venv_or_workdirs(tmp_path):
+  """git's files only: tracked and untracked-but-not-ignored, never .venv, .git or a workdir."""
+  subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+  (tmp_path / ".gitignore").write_text(".venv/\nworkdir/\n")
+  for name in ("launch.py", "flamingo_jax/x.py", ".venv/lib/big.so", "workdir/checkpoints/1/a"):
+    (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / name).write_text("x")
+  assert tpu_pod.code_files(str(tmp_path)) == [".gitignore", "flamingo_jax/x.py", "launch.py"]
+
+
+TWO = ["--mode=local_multiprocess", "--num_processes=2", "--config.total_steps=12",
+       "--heartbeat_timeout_s=10"]
+
+
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory, cache):
+  """An uninterrupted run of two processes (4 devices each), 12 steps."""
+  workdir = tmp_path_factory.mktemp("two")
+  helpers.run(workdir, *TWO, cache_dir=cache)
+  return workdir
 
 
 @pytest.mark.slow
-def test_two_processes_give_the_same_loss_as_one(tmp_path_factory, cache):
-  one, two = tmp_path_factory.mktemp("one"), tmp_path_factory.mktemp("two")
-  helpers.run(one, "--config.total_steps=2", cache_dir=cache)
-  helpers.run(two, "--config.total_steps=2", "--mode=local_multiprocess", "--num_processes=2",
-              cache_dir=cache)
+def test_two_processes_give_the_same_loss_as_one(tmp_path, cache, two_processes):
+  helpers.run(tmp_path, "--config.total_steps=2", cache_dir=cache)
   losses = lambda w: [m["loss"] for m in helpers.metrics(w)]
-  assert len(losses(two)) == 2
-  np.testing.assert_allclose(losses(two), losses(one), rtol=2e-5)
+  assert len(losses(two_processes)) == 12
+  np.testing.assert_allclose(losses(two_processes)[:2], losses(tmp_path), rtol=2e-5)
+
+
+def _start_two_and_signal(workdir, cache, sig, after_steps: int, *overrides):
+  """Starts the two-process run, sends `sig` to process 1 once `after_steps` steps are logged.
+  -> (the launcher's Popen, seconds since the signal when it ended, its stderr)."""
+  proc = subprocess.Popen(helpers.command(workdir, *TWO, *overrides), env=helpers.env(cache),
+                          cwd=helpers.ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                          text=True)
+  deadline = time.time() + 400
+  while len(helpers.metrics(workdir)) < after_steps:
+    assert proc.poll() is None and time.time() < deadline, "the run made no progress"
+    time.sleep(0.05)
+  children = pathlib.Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+  assert len(children) == 2
+  os.kill(int(children[1]), sig)
+  signalled = time.time()
+  _, stderr = proc.communicate(timeout=300)
+  return proc, time.time() - signalled, stderr
+
+
+def _steps(workdir):
+  return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_process_saves_the_same_step_on_both_and_resumes(tmp_path, cache,
+                                                                         two_processes):
+  """JAX's preemption service spreads the notice: both processes save one agreed step, exit 0."""
+  proc, _, stderr = _start_two_and_signal(tmp_path, cache, signal.SIGTERM, 2,
+                                          "--config.ckpt_every=100")
+  assert proc.returncode == 0, stderr[-3000:]
+  (stopped,) = _steps(tmp_path)  # Only the agreed step: ckpt_every is past the end.
+  assert stopped < 12
+  helpers.run(tmp_path, *TWO, cache_dir=cache)
+  np.testing.assert_array_equal(helpers.metrics(tmp_path)[-1]["loss"],
+                                helpers.metrics(two_processes)[-1]["loss"])
+  _assert_same_state(helpers.final_state(two_processes, 12), helpers.final_state(tmp_path, 12))
+
+
+@pytest.mark.slow
+def test_sigkill_of_one_process_ends_the_other_quickly_and_the_rerun_resumes(tmp_path, cache,
+                                                                            two_processes):
+  proc, seconds, stderr = _start_two_and_signal(tmp_path, cache, signal.SIGKILL, 3)
+  assert proc.returncode != 0
+  assert seconds < 30, f"the survivor took {seconds:.0f} s to stop"
+  assert "local_multiprocess: exit codes" in stderr
+  helpers.run(tmp_path, *TWO, cache_dir=cache)
+  _assert_same_state(helpers.final_state(two_processes, 12), helpers.final_state(tmp_path, 12))
+
+
+def _assert_same_state(a, b):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)

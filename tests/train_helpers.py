@@ -13,11 +13,12 @@ TINY = [f"--config={ROOT / 'flamingo_jax' / 'configs' / 'tiny.py'}", "--config.t
         "--config.ckpt_every=2", "--config.log_every=1", "--config.lr_schedule.warmup_steps=2"]
 
 
-def env(cache_dir: str, pythonpath: bool = True) -> dict[str, str]:
+def env(cache_dir: str, pythonpath: bool = True, extra_env=None) -> dict[str, str]:
   """8 CPU devices, LLVM at -O0 (compiles 3x faster) and a compilation cache shared by runs;
   without `pythonpath`, flamingo_jax is imported as installed, not from the checkout."""
   base = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-  return dict(base, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(cache_dir),
+  return dict(base, **(extra_env or {}), JAX_PLATFORMS="cpu",
+              JAX_COMPILATION_CACHE_DIR=str(cache_dir),
               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
               **({"PYTHONPATH": str(ROOT)} if pythonpath else {}),
               XLA_FLAGS="--xla_force_host_platform_device_count=8 "
@@ -30,9 +31,9 @@ def command(workdir, *overrides: str) -> list[str]:
 
 
 def run(workdir, *overrides: str, cache_dir, check: bool = True, cwd=ROOT,
-        pythonpath: bool = True) -> subprocess.CompletedProcess:
-  result = subprocess.run(command(workdir, *overrides), env=env(cache_dir, pythonpath), cwd=cwd,
-                          capture_output=True, text=True, timeout=600)
+        pythonpath: bool = True, extra_env=None) -> subprocess.CompletedProcess:
+  result = subprocess.run(command(workdir, *overrides), env=env(cache_dir, pythonpath, extra_env),
+                          cwd=cwd, capture_output=True, text=True, timeout=600)
   if check and result.returncode:
     raise AssertionError(f"launch.py failed ({result.returncode}):\n{result.stderr[-5000:]}")
   return result

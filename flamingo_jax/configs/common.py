@@ -100,7 +100,11 @@ def training(total_steps: int) -> ml_collections.ConfigDict:
       # Checkpoints exist but none can be read: False stops with an error listing each; True
       # moves them to checkpoints_corrupt/ and starts from step 0.
       start_over_if_unreadable=False,
+      # gs:// workdirs (local ones use flock, train/workdir_lock.py): a lock whose holder has not
+      # refreshed it for this long is taken over.
+      lock_stale_after_s=600,
       log_every=50,
+      profile_steps=(),  # (first, last): a JAX profiler trace of those steps (train/profiler.py).
   ))
 
 

@@ -33,9 +33,17 @@ _FIELDS = {"tfds_name", "split", "batch_size", "pp", "weight", "data_dir", "cach
 _REQUIRED = {"tfds_name", "split", "batch_size", "pp"}
 
 
-def open_source(tfds_name: str, split: str, data_dir: str | None = None) -> Sequence[dict]:
-  """A TFDS split as a random-access sequence of decoded examples."""
-  builder = tfds.builder(tfds_name, data_dir=data_dir, file_format="array_record")
+def open_source(tfds_name: str, split: str, data_dir: str | None = None,
+                name: str = "") -> Sequence[dict]:
+  """A TFDS split as a random-access sequence of decoded examples (`name`: the mixture's, for
+  errors)."""
+  try:
+    builder = tfds.builder(tfds_name, data_dir=data_dir, file_format="array_record")
+  except tfds.core.registered.DatasetNotFoundError as e:
+    raise ValueError(
+        f"config.input.datasets.{name or '<name>'}.tfds_name={tfds_name!r}: no such TFDS dataset "
+        f"(data_dir={data_dir!r}). Use the name it was prepared under, and list its module in "
+        "config.modules if a module registers it.") from e
   builder.download_and_prepare()
   return builder.as_data_source(split)
 
@@ -185,7 +193,7 @@ def make_mixture(datasets: Mapping[str, Mapping[str, Any]], *,
     state: a `get_state()` to resume from.
   """
   _check_config(datasets)
-  sources = {name: open_source(cfg["tfds_name"], cfg["split"], cfg.get("data_dir") or None)
+  sources = {name: open_source(cfg["tfds_name"], cfg["split"], cfg.get("data_dir") or None, name)
              for name, cfg in datasets.items()}
   sources = {name: list(source) if datasets[name].get("cache") else source
              for name, source in sources.items()}

@@ -105,10 +105,37 @@ def make_manager(workdir: str, config) -> ocp.CheckpointManager:
                                item_names=("state", "data"))
 
 
+class SaveError(RuntimeError):
+  """A checkpoint could not be written (disk or quota full, permissions): the run must stop."""
+
+
+def _save_error(manager: ocp.CheckpointManager, error: Exception) -> SaveError:
+  return SaveError(
+      f"Writing a checkpoint under {manager.directory} failed ({type(error).__name__}: "
+      f"{str(error)[:1000]}). The checkpoints saved before it are intact (steps "
+      f"{sorted(manager.all_steps())}); free space or fix the storage and re-run to resume.")
+
+
 def save(manager: ocp.CheckpointManager, step: int, train_state: Any, data_state: dict,
          force: bool = False) -> bool:
-  return manager.save(step, args=ocp.args.Composite(
-      state=ocp.args.StandardSave(train_state), data=ocp.args.JsonSave(data_state)), force=force)
+  """Starts writing step `step` (async); a failure of this or the previous write is a SaveError."""
+  logging.info("Checkpoint of step %d -> %s/%d", step, manager.directory, step)
+  try:
+    return manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(train_state), data=ocp.args.JsonSave(data_state)),
+                        force=force)
+  except Exception as e:  # pylint: disable=broad-except  (whatever storage raised)
+    raise _save_error(manager, e) from e
+
+
+def finish(manager: ocp.CheckpointManager) -> None:
+  """Waits for the last write and closes the manager; a failed write is a SaveError."""
+  try:
+    manager.wait_until_finished()
+  except Exception as e:  # pylint: disable=broad-except
+    raise _save_error(manager, e) from e
+  finally:
+    manager.close()
 
 
 class UnreadableCheckpointsError(RuntimeError):

@@ -96,6 +96,14 @@ def check_required(config) -> None:
         f"--config.input.datasets.{name}.data_dir=gs://BUCKET/tensorflow_datasets")
 
 
+def _load_tokenizer(path: str) -> tokenizer_lib.Tokenizer:
+  try:
+    return tokenizer_lib.load_tokenizer(path)
+  except Exception as e:  # pylint: disable=broad-except  (sentencepiece and tokenizers differ)
+    raise ValueError(f"config.input.tokenizer={path!r} cannot be loaded: {type(e).__name__}: "
+                     f"{e}") from e
+
+
 def make_input(config, mesh):
   """The input named by config.input.kind ('synthetic' | 'tfds'), checked against the mesh."""
   if config.input.kind == "tfds":
@@ -107,6 +115,6 @@ def make_input(config, mesh):
   if config.input.kind == "tfds":
     return mixture_lib.make_mixture(
         {name: dict(cfg) for name, cfg in config.input.datasets.items()},
-        tokenizer=tokenizer_lib.load_tokenizer(config.input.tokenizer), seed=config.seed, mesh=mesh,
+        tokenizer=_load_tokenizer(config.input.tokenizer), seed=config.seed, mesh=mesh,
         batch_axes=sharding_lib.BATCH_AXES, num_workers=config.input.get("num_workers", 0))
   raise ValueError(f"config.input.kind={config.input.kind!r}; expected 'synthetic' or 'tfds'.")

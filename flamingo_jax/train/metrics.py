@@ -13,10 +13,12 @@ import time
 from typing import Any, Mapping
 
 from absl import logging
+from etils import epath
 import jax
 import jax.numpy as jnp
 import numpy as np
 import tensorboardX
+from tensorboardX import record_writer
 import tqdm
 
 from flamingo_jax.train import flops as flops_lib
@@ -60,24 +62,83 @@ def gate_values(trainable: Any, xattn_layers: list[int]) -> dict[str, float]:
   return out
 
 
+class AppendOnlyFile:
+  """A file written by appending, local or on an object store (gs://), which cannot append.
+
+  Locally each write is appended and flushed. On an object store the file's content (read once, at
+  start) is kept and the object rewritten whole by flush(), which write() calls at most every
+  `flush_every_s`: metrics and event files are small.
+  """
+
+  def __init__(self, path: epath.PathLike, flush_every_s: float = 0.0):
+    self._path, self._flush_every_s = epath.Path(path), flush_every_s
+    self._local = "://" not in os.fspath(path)
+    if self._local:
+      self._file = self._path.open("ab")
+    else:
+      self._data = bytearray(self._path.read_bytes() if self._path.exists() else b"")
+      self._flushed = time.monotonic()
+
+  def write(self, data: bytes) -> None:
+    if self._local:
+      self._file.write(data)
+      self._file.flush()
+      return
+    self._data += data
+    if time.monotonic() - self._flushed >= self._flush_every_s:
+      self.flush()
+
+  def flush(self) -> None:
+    if self._local:
+      self._file.flush()
+    else:
+      self._path.write_bytes(bytes(self._data))
+      self._flushed = time.monotonic()
+
+  def close(self) -> None:
+    self.flush()
+    if self._local:
+      self._file.close()
+
+
+class _ObjectStoreEvents:
+  """tensorboardX event files on gs:// through epath (tensorboardX's own gs:// writer would
+  bring a second GCS client, with its own credentials and failure modes)."""
+
+  def open(self, path: str) -> AppendOnlyFile:
+    return AppendOnlyFile(path, flush_every_s=float("inf"))  # tensorboardX calls flush().
+
+  def directory_check(self, path: str) -> None:
+    del path  # Object stores have no directories to create.
+
+
+record_writer.register_writer_factory("gs", _ObjectStoreEvents())
+
+
 class Writer:
   """Scalars to TensorBoard and workdir/metrics.jsonl (process 0), and a progress bar or logs."""
 
   def __init__(self, workdir: str, total_steps: int, first_step: int):
     self._main = jax.process_index() == 0
     self._total, self._last_step, self._last_time = total_steps, first_step, time.perf_counter()
+    self._input_wait = 0.0
     if self._main:
-      self._tb = tensorboardX.SummaryWriter(os.path.join(workdir, "tensorboard"))
-      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+      self._tb = tensorboardX.SummaryWriter(f"{workdir}/tensorboard")
+      # An object store's copy is rewritten at most every 30 s (and at close).
+      self._jsonl = AppendOnlyFile(epath.Path(workdir) / "metrics.jsonl", flush_every_s=30.0)
     self._bar = (tqdm.tqdm(total=total_steps, initial=first_step, dynamic_ncols=True)
                  if self._main and sys.stderr.isatty() else None)
 
-  def steps_per_second(self, step: int) -> float:
-    """Steps/s since the previous call."""
+  def waited_for_input(self, seconds: float) -> None:
+    self._input_wait += seconds
+
+  def interval(self, step: int) -> tuple[float, float]:
+    """(steps/s, fraction of the time spent waiting on input) since the previous call."""
     now = time.perf_counter()
-    rate = (step - self._last_step) / max(now - self._last_time, 1e-9)
-    self._last_step, self._last_time = step, now
-    return rate
+    elapsed = max(now - self._last_time, 1e-9)
+    rate, waited = (step - self._last_step) / elapsed, self._input_wait / elapsed
+    self._last_step, self._last_time, self._input_wait = step, now, 0.0
+    return rate, waited
 
   def write(self, step: int, scalars: Mapping[str, float]) -> None:
     if not self._main:
@@ -85,9 +146,8 @@ class Writer:
     scalars = {k: float(v) for k, v in scalars.items()}
     for key, value in scalars.items():
       self._tb.add_scalar(key, value, step)
-    self._jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
-    self._jsonl.flush()
-    brief = {k: scalars[k] for k in ("loss", "lr", "steps_per_s", "tflops_per_device", "mfu")
+    self._jsonl.write((json.dumps({"step": step, **scalars}) + "\n").encode())
+    brief = {k: scalars[k] for k in ("loss", "lr", "steps_per_s", "input_wait_fraction", "mfu")
              if k in scalars}
     if self._bar is not None:
       self._bar.update(step - self._bar.n)
@@ -96,6 +156,12 @@ class Writer:
       eta = (self._total - step) / max(scalars.get("steps_per_s", 0.0), 1e-9)
       logging.info("step %d/%d %s eta %.0fs", step, self._total,
                    " ".join(f"{k}={v:.4g}" for k, v in brief.items()), eta)
+
+  def flush(self) -> None:
+    """Makes what was written durable (an object store's copy lags by up to 30 s otherwise)."""
+    if self._main:
+      self._jsonl.flush()
+      self._tb.flush()
 
   def close(self) -> None:
     if self._main:

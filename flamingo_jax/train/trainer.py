@@ -32,8 +32,10 @@ from flamingo_jax.train import input as input_lib
 from flamingo_jax.train import kinds
 from flamingo_jax.train import metrics as metrics_lib
 from flamingo_jax.train import optim
+from flamingo_jax.train import profiler as profiler_lib
 from flamingo_jax.train import sharding as sharding_lib
 from flamingo_jax.train import state as state_lib
+from flamingo_jax.train import workdir_lock
 from flamingo_jax.train.kinds import flamingo as flamingo_kind
 
 
@@ -153,7 +155,10 @@ class _Sigterm:
 
   def __init__(self):
     self.received = False
-    self._previous = signal.signal(signal.SIGTERM, self._handle)
+    # Several processes: JAX's preemption service (started by jax.distributed.initialize) holds
+    # SIGTERM and agrees on a step across hosts; a Python handler would hide the signal from it.
+    self._previous = (None if jax.process_count() > 1
+                      else signal.signal(signal.SIGTERM, self._handle))
 
   def _handle(self, signum, frame):
     del signum, frame
@@ -166,7 +171,8 @@ class _Sigterm:
     return self.received
 
   def restore(self):
-    signal.signal(signal.SIGTERM, self._previous)
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
 
 
 def train(config, workdir: str) -> tuple[dict, dict, dict]:
@@ -177,8 +183,17 @@ def train(config, workdir: str) -> tuple[dict, dict, dict]:
   """
   config, workdir = paths.resolve_config(config), paths.resolve(workdir)
   modules.import_modules(config)
-  # ----------------------------------------------------------------------- logging
+  if epath.Path(workdir).exists() and not epath.Path(workdir).is_dir():
+    raise NotADirectoryError(f"--workdir={workdir} is a file; expected a directory (new, or the "
+                             "workdir of an earlier run to resume).")
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+  with workdir_lock.WorkdirLock(workdir, config.get("lock_stale_after_s", 600)) as lock:
+    return _train(config, workdir, lock)
+
+
+def _train(config, workdir: str, lock: workdir_lock.WorkdirLock) -> tuple[dict, dict, dict]:
+  """train() once the workdir is ours."""
+  # ----------------------------------------------------------------------- logging
   logging.info("%d processes, %d devices (%s).", jax.process_count(), jax.device_count(),
                jax.devices()[0].device_kind)
 
@@ -192,6 +207,7 @@ def train(config, workdir: str) -> tuple[dict, dict, dict]:
   if config.mixture_mode not in ("accumulate", "round_robin"):
     raise ValueError(f"config.mixture_mode={config.mixture_mode!r}; expected 'accumulate' or "
                      "'round_robin'.")
+  profiler = profiler_lib.StepProfiler(config.get("profile_steps"), workdir)
   data = input_lib.make_input(config, mesh)
   names = list(data.weights)
 
@@ -254,12 +270,13 @@ def train(config, workdir: str) -> tuple[dict, dict, dict]:
       raise FloatingPointError(f"Loss is {measured['loss']} at step {step} ({measured}).")
     if step % config.log_every and step != config.total_steps:
       return
-    rate = writer.steps_per_second(step)
+    rate, input_wait = writer.interval(step)
     flops = sum(flops_per_device.values()) / len(flops_per_device)
     last = {**measured, **metrics_lib.gate_values(train_state["params"], xattn_layers),
             **{f"lr/{g}": s(step - 1) for g, s in setup.schedules.items()},
             "lr": setup.schedules["group0"](step - 1), "steps_per_s": rate,
-            "examples_per_s": rate * examples, "tokens_per_s": rate * tokens,
+            "input_wait_fraction": input_wait, "examples_per_s": rate * examples,
+            "tokens_per_s": rate * tokens,
             "tflops_per_device": rate * flops / 1e12, "mfu": rate * flops / peak,
             **{f"compile_s/{'-'.join(k)}": v for k, v in compile_seconds.items()}}
     writer.write(step, last)
@@ -267,19 +284,26 @@ def train(config, workdir: str) -> tuple[dict, dict, dict]:
   step = first_step
   try:
     while step < config.total_steps:
+      profiler.before(step + 1)
+      waited = time.perf_counter()
       batches = next(data)
+      writer.waited_for_input(time.perf_counter() - waited)
       if config.mixture_mode == "round_robin":
         batches = {names[step % len(names)]: batches[names[step % len(names)]]}
-      train_state, measured = step_fn(train_state, batches)
+      with jax.profiler.StepTraceAnnotation("train", step_num=step + 1):
+        train_state, measured = step_fn(train_state, batches)
       step += 1
+      profiler.after(step, train_state)
       if pending is not None:  # One step behind, so the host never waits on the device.
         check_and_log(*pending)
       pending = (step, measured, sum(b["tokens"].shape[0] for b in batches.values()),
                  sum(b["tokens"].size for b in batches.values()))
       stop = sigterm.stop(step)
+      lock.heartbeat()
       if stop or step == config.total_steps or manager.should_save(step):
         check_and_log(*pending)
         pending = None
+        writer.flush()  # The metrics up to a checkpoint survive whatever ends the run later.
         # Forced at the last step: orbax's interval check would skip a total_steps that
         # ckpt_every does not divide.
         ckpt_lib.save(manager, step, train_state, data.get_state(),
@@ -289,8 +313,7 @@ def train(config, workdir: str) -> tuple[dict, dict, dict]:
     if pending is not None:
       check_and_log(*pending)
   finally:
-    manager.wait_until_finished()
-    manager.close()
     writer.close()
     sigterm.restore()
+    ckpt_lib.finish(manager)
   return train_state, frozen, last
