@@ -21,6 +21,7 @@ import tokenizers
 
 from flamingo_jax.configs import flamingo_3b
 from flamingo_jax.configs import tiny
+from flamingo_jax.eval import evaluate
 from flamingo_jax.train import trainer
 from flamingo_jax.train import workdir_lock
 import train_helpers as helpers
@@ -72,6 +73,12 @@ def test_an_object_store_lock_is_alive_while_its_heartbeat_is_fresh(tmp_path, re
   assert lock._holder_is_alive(text) == alive  # pylint: disable=protected-access
 
 
+def test_eval_of_an_empty_workdir_says_so_and_creates_nothing(tmp_path):
+  with pytest.raises(FileNotFoundError, match=r"No checkpoint in .*/checkpoints: train first"):
+    evaluate.evaluate(tiny.get_config(), str(tmp_path))
+  assert not list(tmp_path.iterdir())
+
+
 # ------------------------------------------------------------------------ config fields
 
 
@@ -109,7 +116,8 @@ def test_a_dataset_that_does_not_exist_names_its_field(tmp_path):
 
 
 @pytest.mark.parametrize("field, value, message", [
-    ("init_from", "/nonexistent/params", r"No parameter checkpoint at /nonexistent/params"),
+    ("init_from", "/nonexistent/params", r"config.init_from='/nonexistent/params': no parameter "
+                                         r"checkpoint there"),
     ("profile_steps", (3, 2), r"config.profile_steps=\(3, 2\); expected \(first, last\)"),
 ])
 def test_a_bad_path_or_setting_is_named(tmp_path, field, value, message):
@@ -117,16 +125,22 @@ def test_a_bad_path_or_setting_is_named(tmp_path, field, value, message):
   config[field] = value
   with pytest.raises((ValueError, FileNotFoundError), match=message):
     trainer.train(config, str(tmp_path))
+  assert not (tmp_path / "checkpoints").exists()
 
 
-def test_a_config_file_with_a_syntax_error_is_named(tmp_path):
-  bad = tmp_path / "bad_config.py"
-  bad.write_text("def get_config(:\n  pass\n")
-  result = subprocess.run([sys.executable, str(helpers.ROOT / "launch.py"), f"--config={bad}",
+@pytest.mark.parametrize("content, message", [
+    ("def get_config(:\n  pass\n", "SyntaxError"),
+    (None, "No such file"),
+])
+def test_a_bad_config_file_is_named_before_anything_is_written(tmp_path, content, message):
+  config = tmp_path / "my_config.py"
+  if content is not None:
+    config.write_text(content)
+  result = subprocess.run([sys.executable, str(helpers.ROOT / "launch.py"), f"--config={config}",
                            f"--workdir={tmp_path / 'w'}"], capture_output=True, text=True,
                           env=helpers.env(tmp_path), timeout=120)
   assert result.returncode != 0
-  assert "bad_config.py" in result.stderr and "SyntaxError" in result.stderr
+  assert "my_config.py" in result.stderr and message in result.stderr, result.stderr[-2000:]
   assert not (tmp_path / "w").exists()
 
 

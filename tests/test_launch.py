@@ -3,6 +3,7 @@ import os
 import pathlib
 import signal
 import subprocess
+import sys
 import time
 
 import jax
@@ -22,9 +23,16 @@ def test_relative_workdir_trains_saves_the_last_step_and_resumes(tmp_path, cache
   """From a directory outside the checkout (the installed package, no PYTHONPATH), `--workdir=wd`
   is wd under the current directory; a total that ckpt_every=2 does not divide still ends with its
   last step saved, and the re-run continues from it."""
-  helpers.run("wd", "--config.total_steps=3", cache_dir=cache, cwd=tmp_path,
-              pythonpath=False)
+  result = helpers.run("wd", "--config.total_steps=3", "--config.profile_steps=2,3",
+                       cache_dir=cache, cwd=tmp_path, pythonpath=False)
   assert {"2", "3"} <= {p.name for p in (tmp_path / "wd" / "checkpoints").iterdir()}
+  # Quiet: our lines only (orbax alone logs ~40 per save), and a profile of steps 2-3.
+  ours = ("launch.py", "trainer.py", "metrics.py", "checkpoint.py", "flamingo.py", "profiler.py")
+  lines = result.stderr.strip().splitlines()
+  assert all(any(f" {name}:" in line for name in ours) for line in lines), result.stderr
+  assert len(lines) < 20, result.stderr
+  assert list((tmp_path / "wd" / "tensorboard" / "plugins" / "profile").glob("*/*.xplane.pb"))
+  assert all(0 <= m["input_wait_fraction"] <= 1 for m in helpers.metrics(tmp_path / "wd"))
   helpers.run("wd", "--config.total_steps=5", cache_dir=cache, cwd=tmp_path,
               pythonpath=False)
   assert [m["step"] for m in helpers.metrics(tmp_path / "wd")] == [1, 2, 3, 4, 5]
@@ -40,6 +48,18 @@ def test_bad_config_override_names_the_key(tmp_path, cache, override, message):
   assert result.returncode != 0
   assert message in result.stderr
   assert not (tmp_path / "checkpoints").exists()
+
+
+def test_no_tpu_warnings_on_a_cpu_host(tmp_path):
+  """libtpu (the test extra) prints TPU_ACCELERATOR_TYPE warnings when JAX probes for TPUs; on a
+  host with none, console.setup() points JAX at the CPU first."""
+  env = {k: v for k, v in helpers.env(tmp_path).items() if k != "JAX_PLATFORMS"}
+  code = ("from absl import flags; flags.FLAGS(['x']); from flamingo_jax import console; "
+          "console.setup(); import jax; print(jax.devices()[0].platform)")
+  result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          timeout=120, check=True)
+  assert result.stdout.strip() == "cpu"
+  assert "TPU" not in result.stderr, result.stderr
 
 
 def test_tpu_pod_dry_run_prints_the_gcloud_commands(tmp_path, cache):
@@ -120,8 +140,9 @@ def test_sigterm_to_one_process_saves_the_same_step_on_both_and_resumes(tmp_path
   proc, _, stderr = _start_two_and_signal(tmp_path, cache, signal.SIGTERM, 2,
                                           "--config.ckpt_every=100")
   assert proc.returncode == 0, stderr[-3000:]
-  (stopped,) = _steps(tmp_path)  # Only the agreed step: ckpt_every is past the end.
-  assert stopped < 12
+  *_, stopped = _steps(tmp_path)  # The agreed step (and the first: orbax always saves it).
+  assert stopped < 12 and _steps(tmp_path) in ([stopped], [1, stopped])
+  assert helpers.metrics(tmp_path)[-1]["step"] == stopped
   helpers.run(tmp_path, *TWO, cache_dir=cache)
   np.testing.assert_array_equal(helpers.metrics(tmp_path)[-1]["loss"],
                                 helpers.metrics(two_processes)[-1]["loss"])

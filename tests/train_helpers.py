@@ -5,6 +5,8 @@ import pathlib
 import subprocess
 import sys
 
+import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -45,9 +47,13 @@ def metrics(workdir) -> list[dict]:
 
 
 def final_state(workdir, step: int = 6) -> dict:
-  """The saved train state (trainable params, optimizer state, step, rng) at `step`, as numpy."""
-  return ocp.StandardCheckpointer().restore(pathlib.Path(workdir) / "checkpoints" / str(step) /
-                                            "state")
+  """The saved train state (trainable params, optimizer state, step, rng) at `step`, as numpy
+  (whatever devices or processes wrote it)."""
+  path = pathlib.Path(workdir) / "checkpoints" / str(step) / "state"
+  tree = ocp.StandardCheckpointer().metadata(path).item_metadata.tree
+  as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+  return ocp.PyTreeCheckpointer().restore(path, args=ocp.args.PyTreeRestore(
+      restore_args=as_numpy))
 
 
 def shared_dir(tmp_path_factory, name: str) -> pathlib.Path:

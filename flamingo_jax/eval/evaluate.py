@@ -30,6 +30,8 @@ from flamingo_jax.train import trainer
 
 def load(config, workdir: str):
   """(model, params) of the newest checkpoint in workdir/checkpoints, frozen backbones included."""
+  if not (epath.Path(workdir) / "checkpoints").is_dir():  # Before the manager would create it.
+    raise FileNotFoundError(f"No checkpoint in {workdir}/checkpoints: train first (same config).")
   kind = kinds.get(config.model_name)
   model = kind.model(config)
   mesh = sharding_lib.make_mesh(config.mesh)

@@ -204,6 +204,9 @@ def _train(config, workdir: str, lock: workdir_lock.WorkdirLock) -> tuple[dict, 
   # ----------------------------------------------------------------------- input
   kind = kinds.get(config.model_name)
   model = kind.model(config)  # First: raises on bad sizes or missing backbone checkpoints.
+  if config.get("init_from") and not epath.Path(config.init_from).exists():
+    raise FileNotFoundError(f"config.init_from={config.init_from!r}: no parameter checkpoint "
+                            "there (a checkpoint.save_params tree of the trainable parameters).")
   if config.mixture_mode not in ("accumulate", "round_robin"):
     raise ValueError(f"config.mixture_mode={config.mixture_mode!r}; expected 'accumulate' or "
                      "'round_robin'.")
