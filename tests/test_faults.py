@@ -172,6 +172,7 @@ def test_a_checkpoint_of_zero_byte_files_falls_back_to_the_previous(reference, t
       f.write_bytes(b"")
   result = helpers.run(workdir, cache_dir=cache)
   assert "checkpoints/6 cannot be read" in result.stderr
+  assert "checkpoints/6/state/_METADATA has 0 bytes" in result.stderr  # Says which file, and why.
   assert "Resuming from" in result.stderr and "checkpoints/4." in result.stderr
   assert (workdir / "checkpoints_corrupt" / "6").exists()
   assert _equal(helpers.final_state(ref_dir), helpers.final_state(workdir))

@@ -86,6 +86,36 @@ def test_logits_match_transformers(tmp_path, family, sharded):
   assert err <= 1e-4
 
 
+@pytest.mark.parametrize("family, theta_key", [("llama", "rope_theta"),
+                                              ("gpt_neox", "rotary_emb_base")])
+def test_transformers_5_rope_parameters_are_read(tmp_path, family, theta_key):
+  """transformers 5.x writes the rotary base under rope_parameters: a model trained with θ=5e5
+  converted from that layout matches (reading only the 4.x key would silently use 1e4)."""
+  model = tiny_hf_lm(tmp_path, family, **{theta_key: 500000.0})
+  config = json.loads((tmp_path / "config.json").read_text())
+  assert config.pop(theta_key) == 500000.0
+  config.pop("rope_scaling", None)
+  config["rope_parameters"] = {"rope_type": "default", "rope_theta": 500000.0}
+  if family == "gpt_neox":
+    config["rope_parameters"]["partial_rotary_factor"] = config.pop("rotary_pct")
+  (tmp_path / "config.json").write_text(json.dumps(config))
+  cfg, params = hf.load_hf_lm(str(tmp_path))
+  assert cfg.rope_theta == 500000.0
+  tokens = random_tokens()
+  assert rel_error(apply(cfg, params, tokens), hf_logits(model, tokens)) <= 1e-4
+
+
+@pytest.mark.parametrize("rope", [
+    {"rope_scaling": {"rope_type": "llama3", "factor": 8.0}},
+    {"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}},
+])
+def test_scaled_rotary_embeddings_are_refused_by_name(rope):
+  base = {"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4,
+          "num_hidden_layers": 1, "intermediate_size": 96, "vocab_size": V}
+  with pytest.raises(ValueError, match="rope_scaling|rope_parameters.rope_type"):
+    hf.convert({}, {**base, **rope})
+
+
 def word_level_tokenizer(directory, size):
   """A tokenizer.json with `size` < V words: the checkpoint's extra rows are padding."""
   tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(

@@ -66,6 +66,31 @@ def _check(c: dict, family: str, **supported):
     raise ValueError(f"{family} config.json sets {bad}; only {supported} is supported.")
 
 
+def _rope(c: dict, family: str, theta_key: str = "rope_theta") -> dict:
+  """The rotary base (and NeoX's rotary fraction) from config.json, in transformers 4.x layout
+  (top-level `rope_theta`/`rotary_emb_base`, `rope_scaling`) or 5.x (`rope_parameters`). Scaled
+  rotary embeddings (linear, dynamic, yarn, llama3, ...) are refused by name, never ignored."""
+  params = dict(c.get("rope_parameters") or {})
+  scaling = c.get("rope_scaling")
+  if scaling:
+    raise ValueError(f"{family} config.json rope_scaling={scaling}: scaled rotary embeddings are "
+                     "not supported; only the default rope_type.")
+  rope_type = params.get("rope_type", params.get("type", "default"))
+  if rope_type != "default":
+    raise ValueError(f"{family} config.json rope_parameters.rope_type={rope_type!r}: scaled "
+                     f"rotary embeddings are not supported; only 'default' ({params}).")
+  theta_new, theta_old = params.get("rope_theta"), c.get(theta_key)
+  if theta_new is not None and theta_old is not None and float(theta_new) != float(theta_old):
+    raise ValueError(f"{family} config.json sets rope_parameters.rope_theta={theta_new} and "
+                     f"{theta_key}={theta_old}; which one the model was trained with is unclear.")
+  theta = theta_new if theta_new is not None else theta_old
+  out = {"rope_theta": float(theta if theta is not None else 10000.0)}
+  if family == "gpt_neox":
+    out["rotary_pct"] = float(params.get("partial_rotary_factor",
+                                         c.get("rotary_pct", c.get("partial_rotary_factor", 0.25))))
+  return out
+
+
 def _activation(name: str) -> str:
   if name not in _ACTIVATIONS:
     raise ValueError(f"config.json activation {name!r} is not supported; expected one of "
@@ -98,13 +123,12 @@ def _gpt2(c):
 
 def _llama(c):
   """LLaMA: RMSNorm, rotary (rotate-half, as ours), SwiGLU, grouped-query attention."""
-  _check(c, "llama", rope_scaling=None, mlp_bias=c.get("attention_bias", False))
+  _check(c, "llama", mlp_bias=c.get("attention_bias", False))
   d, h = c["hidden_size"], c["num_attention_heads"]
   cfg = dict(vocab_size=c["vocab_size"], dim=d, num_layers=c["num_hidden_layers"], num_heads=h,
              num_kv_heads=c.get("num_key_value_heads") or h, head_dim=c.get("head_dim") or d // h,
              mlp_dim=c["intermediate_size"], norm="rmsnorm", norm_bias=False,
-             norm_eps=c.get("rms_norm_eps", 1e-6), position="rotary",
-             rope_theta=c.get("rope_theta", 10000.0),
+             norm_eps=c.get("rms_norm_eps", 1e-6), position="rotary", **_rope(c, "llama"),
              max_len=c.get("max_position_embeddings", 2048),
              activation=_activation(c.get("hidden_act", "silu")), gated_mlp=True,
              use_bias=c.get("attention_bias", False),
@@ -124,12 +148,11 @@ def _llama(c):
 
 def _gpt_neox(c):
   """GPT-NeoX: partial rotary, parallel residual, q|k|v fused per head as [H, 3, Dh] rows."""
-  _check(c, "gpt_neox", rope_scaling=None, attention_bias=True)  # Its MLP always has biases.
+  _check(c, "gpt_neox", attention_bias=True)  # Its MLP always has biases.
   d, nh = c["hidden_size"], c["num_attention_heads"]
   cfg = dict(vocab_size=c["vocab_size"], dim=d, num_layers=c["num_hidden_layers"], num_heads=nh,
              mlp_dim=c["intermediate_size"], norm_eps=c.get("layer_norm_eps", 1e-5),
-             position="rotary", rotary_pct=c.get("rotary_pct", 0.25),
-             rope_theta=c.get("rotary_emb_base", 10000.0),
+             position="rotary", **_rope(c, "gpt_neox", theta_key="rotary_emb_base"),
              max_len=c.get("max_position_embeddings", 2048),
              activation=_activation(c.get("hidden_act", "gelu")),
              parallel_residual=c.get("use_parallel_residual", True), use_bias=True,

@@ -49,9 +49,26 @@ def _leaves_by_path(tree: Any) -> dict[str, Any]:
           for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
+def _suspect_files(path: epath.Path) -> str:
+  """What is visibly wrong with the files of checkpoint item `path`, for error messages."""
+  if not path.exists():
+    return f"{path} does not exist"
+  problems = [f"{f} is missing" for f in (path / "_METADATA", path / "manifest.ocdbt")
+              if not f.exists()]
+  files = [f for depth in ("*", "*/*", "*/*/*") for f in path.glob(depth)]  # OCDBT's depth.
+  empty = sorted(str(f) for f in files if f.is_file() and f.stat().length == 0)
+  problems += [f"{f} has 0 bytes" for f in empty[:5]]
+  problems += [f"and {len(empty) - 5} more empty files"] if len(empty) > 5 else []
+  return "; ".join(problems) or "no file is missing or empty (truncated or garbled data?)"
+
+
 def stored_leaves(path: epath.PathLike) -> dict[str, Any]:
   """{'a/b/c': metadata with .shape} of the checkpoint at `path`, read without loading arrays."""
-  return _leaves_by_path(ocp.StandardCheckpointer().metadata(epath.Path(path)).item_metadata.tree)
+  path = epath.Path(path)
+  metadata = ocp.StandardCheckpointer().metadata(path).item_metadata
+  if metadata is None:
+    raise ValueError(f"checkpoint {path} has no readable tree metadata (_METADATA)")
+  return _leaves_by_path(metadata.tree)
 
 
 def shape_problems(stored: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
@@ -147,8 +164,8 @@ def _quarantine(manager: ocp.CheckpointManager, step: int, error: Exception, why
   dst = epath.Path(manager.directory).parent / "checkpoints_corrupt" / str(step)
   while dst.exists():  # Never overwrite an earlier quarantined copy.
     dst = dst.with_name(dst.name + "_")
-  logging.warning("Checkpoint %s cannot be read (%s: %s); moving it to %s %s.", src,
-                  type(error).__name__, error, dst, why)
+  logging.warning("Checkpoint %s cannot be read (%s: %s; files: %s); moving it to %s %s.", src,
+                  type(error).__name__, error, _suspect_files(src / "state"), dst, why)
   if jax.process_index() == 0:
     dst.parent.mkdir(parents=True, exist_ok=True)
     src.rename(dst)
