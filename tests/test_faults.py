@@ -50,6 +50,21 @@ def test_a_second_run_on_a_held_workdir_is_refused_naming_the_holder(tmp_path):
   assert not (tmp_path / "checkpoints").exists()  # Nothing interleaved.
 
 
+def _read_only_directory(tmp_path) -> str:
+  if os.geteuid():
+    tmp_path.chmod(0o555)
+    return str(tmp_path)
+  return "/sys/kernel"  # Root writes anywhere a mode allows; sysfs refuses new files to root too.
+
+
+def test_a_read_only_workdir_is_named(tmp_path):
+  workdir = _read_only_directory(tmp_path)
+  with pytest.raises(OSError, match=rf"Cannot write the lock file {workdir}/lock \(is the workdir "
+                                    r"writable\?\)"):
+    trainer.train(tiny.get_config(), workdir)
+  tmp_path.chmod(0o755)
+
+
 def test_the_lock_of_a_dead_run_is_taken_over(tmp_path):
   dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                         capture_output=True, text=True, check=True)
