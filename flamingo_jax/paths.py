@@ -23,9 +23,14 @@ CONFIG_PATH_FIELDS = ("vision_init", "lm_init", "init_from", "input.tokenizer",
 _URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 
 
+def is_url(path: os.PathLike | str) -> bool:
+  """A URL such as gs://bucket/run: an object store, which has no appends, locks or local tools."""
+  return bool(_URL.match(os.fspath(path)))
+
+
 def resolve(path: str) -> str:
   """An absolute local path (`~` expanded), a URL unchanged, '' (not set) unchanged."""
-  if not path or _URL.match(path):
+  if not path or is_url(path):
     return path
   return os.path.abspath(os.path.expanduser(path))
 

@@ -7,7 +7,6 @@ MFU = achieved FLOP/s per device / the device's peak (table below; on CPU the pe
 timing a matmul).
 """
 import json
-import os
 import sys
 import time
 from typing import Any, Mapping
@@ -21,6 +20,7 @@ import tensorboardX
 from tensorboardX import record_writer
 import tqdm
 
+from flamingo_jax import paths
 from flamingo_jax.train import flops as flops_lib
 from flamingo_jax.train import state as state_lib
 
@@ -72,7 +72,7 @@ class AppendOnlyFile:
 
   def __init__(self, path: epath.PathLike, flush_every_s: float = 0.0):
     self._path, self._flush_every_s = epath.Path(path), flush_every_s
-    self._local = "://" not in os.fspath(path)
+    self._local = not paths.is_url(path)
     if self._local:
       self._file = self._path.open("ab")
     else:

@@ -13,6 +13,8 @@ from absl import logging
 from etils import epath
 import jax
 
+from flamingo_jax import paths
+
 
 class StepProfiler:
   """before(step) and after(step, state) around each update step; `step` counts from 1."""
@@ -24,7 +26,7 @@ class StepProfiler:
                        "1 <= first <= last, e.g. --config.profile_steps=10,12.")
     self._steps = steps
     self._target = f"{workdir}/tensorboard"
-    self._local = "://" not in workdir
+    self._local = not paths.is_url(workdir)
     self._dir = None
 
   def before(self, step: int) -> None:

@@ -6,8 +6,8 @@ that file: the kernel drops it when its process dies, so a lock left behind by a
 taken over with no waiting. Object stores (gs://) have no locks: there the holder refreshes a
 heartbeat in the file; a lock whose heartbeat is older than `stale_after_s`, or whose holder was
 a process on this host that no longer exists, is taken over; a writer reads its own record back to
-lose a simultaneous start cleanly. In a multi-process run
-process 0 holds the lock and every process stops if it cannot.
+lose a simultaneous start cleanly. In a multi-process run process 0 holds the lock and every
+process stops if it cannot.
 """
 import fcntl
 import json
@@ -23,15 +23,13 @@ import jax
 from jax.experimental import multihost_utils
 import numpy as np
 
+from flamingo_jax import paths
+
 HEARTBEAT_EVERY_S = 60
 
 
 class WorkdirLockedError(RuntimeError):
   """Another run holds the workdir."""
-
-
-def _is_local(path: epath.Path) -> bool:
-  return "://" not in os.fspath(path)
 
 
 class WorkdirLock:
@@ -86,10 +84,10 @@ class WorkdirLock:
         return False
       if record["host"] == socket.gethostname():
         os.kill(int(record["pid"]), 0)  # Signal 0: raises if there is no such process.
-    except ProcessLookupError:
-      return False
-    except (ValueError, KeyError, TypeError):
-      return False  # Not a lock we wrote.
+    except PermissionError:
+      return True  # It exists, as another user's process.
+    except (ProcessLookupError, ValueError, KeyError, TypeError):
+      return False  # Gone, or not a lock we wrote.
     return True
 
   def _acquire_remote(self) -> None:
@@ -108,7 +106,7 @@ class WorkdirLock:
     failed = None
     if jax.process_index() == 0:
       try:
-        if _is_local(self.path):
+        if not paths.is_url(self.path):
           self._acquire_local()
         else:
           self._acquire_remote()
@@ -133,7 +131,7 @@ class WorkdirLock:
 
   def heartbeat(self) -> None:
     """Keeps a remote lock fresh (rate-limited); nothing to do for a local one."""
-    if (jax.process_index() == 0 and not _is_local(self.path)
+    if (jax.process_index() == 0 and paths.is_url(self.path)
         and time.monotonic() - self._last_beat > HEARTBEAT_EVERY_S):
       self._write_remote()
 
@@ -141,6 +139,6 @@ class WorkdirLock:
     if self._file is not None:
       self._file.close()  # Closing drops the flock; the file stays, naming its last holder.
       self._file = None
-    elif jax.process_index() == 0 and not _is_local(self.path) and self._last_beat:
+    elif jax.process_index() == 0 and paths.is_url(self.path) and self._last_beat:
       self.path.unlink(missing_ok=True)
       self._last_beat = 0.0
