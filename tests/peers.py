@@ -1,4 +1,5 @@
 """Peer libraries (torch, torchvision) made importable here; shared by tests and benchmarks."""
+import numpy as np
 
 
 def patch_torchvision_ops():
@@ -22,3 +23,14 @@ def patch_torchvision_ops():
   lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
   lib.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
   globals()["_torchvision_lib"] = lib  # keep the registration alive
+
+
+def state_of(module) -> dict:
+  """A torch module's state dict as numpy arrays."""
+  return {k: v.detach().numpy() for k, v in module.state_dict().items()}
+
+
+def rel_error(ours, theirs) -> float:
+  """max |ours - theirs| / max |theirs|: the parity tests' measure."""
+  ours, theirs = np.asarray(ours), np.asarray(theirs)
+  return float(np.abs(ours - theirs).max() / np.abs(theirs).max())

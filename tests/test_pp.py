@@ -147,3 +147,23 @@ def test_tokenize_video(tok):
   out = fn({"video": video, "caption": "a red circle", "fps": 8})
   assert out["images"].shape == (1, 4, 8, 8, 3)
   assert out["tokens"][1] == tok.image_id and out["media_mask"].tolist() == [True]
+
+
+@pytest.mark.parity
+@pytest.mark.parametrize("hw", [(37, 53), (53, 37), (24, 24), (9, 100)])
+def test_resize_crop_normalize_equal_open_clip_eval_transform(hw):
+  """OpenCLIP's eval preprocessing (what OpenFlamingo feeds its ViT), to float32 rounding."""
+  import open_clip  # pylint: disable=g-import-not-at-top
+  mean, std = open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD
+  image = np.random.default_rng(0).integers(0, 256, (*hw, 3), np.uint8)
+  expected = open_clip.image_transform(24, is_train=False, mean=mean, std=std)(
+      Image.fromarray(image)).numpy().transpose(1, 2, 0)
+  fn = pp.build(f"resize_crop(24)|normalize({tuple(mean)}, {tuple(std)})")
+  np.testing.assert_allclose(fn({"image": image})["image"], expected, rtol=0, atol=1e-5)
+
+
+def test_resize_crop_and_normalize_errors():
+  with pytest.raises(ValueError, match="resize_crop: method='lanczos'"):
+    pp.build("resize_crop(8, method='lanczos')")
+  with pytest.raises(ValueError, match="must be 3 numbers each, std > 0"):
+    pp.build("normalize((0.5, 0.5), (1, 1, 1))")

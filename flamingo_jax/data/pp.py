@@ -124,6 +124,9 @@ def decode():
   return lambda example: _map_frames(example, "decode", frame)
 
 
+_RESAMPLE = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}
+
+
 @register
 def resize_pad(size: int, method: str = "bilinear"):
   """Resizes the longer side to `size` (aspect ratio kept) and pads to square with the mean colour.
@@ -131,16 +134,15 @@ def resize_pad(size: int, method: str = "bilinear"):
   The paper pads with the mean; we use the frame's own per-channel mean, so the padding carries no
   signal after any value_range.
   """
-  resample = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}
-  if method not in resample:
-    raise ValueError(f"resize_pad: method={method!r}; expected one of {sorted(resample)}.")
+  if method not in _RESAMPLE:
+    raise ValueError(f"resize_pad: method={method!r}; expected one of {sorted(_RESAMPLE)}.")
 
   def frame(value, key):
     value = _frame(value, key, "resize_pad")
     h, w = value.shape[:2]
     scale = size / max(h, w)
     nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
-    resized = np.asarray(Image.fromarray(value).resize((nw, nh), resample[method]))
+    resized = np.asarray(Image.fromarray(value).resize((nw, nh), _RESAMPLE[method]))
     out = np.empty([size, size, 3], np.uint8)
     out[...] = np.round(value.reshape(-1, 3).mean(0)).astype(np.uint8)
     top, left = (size - nh) // 2, (size - nw) // 2
@@ -154,6 +156,40 @@ def resize_pad(size: int, method: str = "bilinear"):
         example[key] = np.zeros([0, size, size, 3], np.uint8)
     return example
   return op
+
+
+@register
+def resize_crop(size: int, method: str = "bicubic"):
+  """Resizes the shorter side to `size` and takes the centre square: CLIP's eval transform
+  (torchvision Resize + CenterCrop on PIL images, as OpenCLIP and OpenFlamingo preprocess)."""
+  if method not in _RESAMPLE:
+    raise ValueError(f"resize_crop: method={method!r}; expected one of {sorted(_RESAMPLE)}.")
+
+  def frame(value, key):
+    value = _frame(value, key, "resize_crop")
+    h, w = value.shape[:2]
+    scale = size / min(h, w)
+    # torchvision's Resize(int) rounds the longer side down (int()), never past the crop.
+    nh, nw = (size, int(w * scale)) if h <= w else (int(h * scale), size)
+    resized = np.asarray(Image.fromarray(value).resize((nw, nh), _RESAMPLE[method]))
+    # torchvision's CenterCrop offsets: int(round((resized - size) / 2)).
+    top, left = int(round((nh - size) / 2)), int(round((nw - size) / 2))
+    return resized[top:top + size, left:left + size]
+  return lambda example: _map_frames(example, "resize_crop", frame)
+
+
+@register
+def normalize(mean: tuple[float, float, float], std: tuple[float, float, float]):
+  """uint8 [0, 255] -> float32 (x / 255 - mean) / std per channel: the pixel statistics a vision
+  backbone was trained with (e.g. OpenAI CLIP's; `models/vit.py` holds each backbone's)."""
+  mean_, std_ = np.asarray(mean, np.float32), np.asarray(std, np.float32)
+  if mean_.shape != (3,) or std_.shape != (3,) or (std_ <= 0).any():
+    raise ValueError(f"normalize: mean={mean} and std={std} must be 3 numbers each, std > 0.")
+
+  def frame(value, key):
+    x = _frame(value, key, "normalize").astype(np.float32) / 255.0
+    return ((x - mean_) / std_).astype(np.float32)
+  return lambda example: _map_frames(example, "normalize", frame)
 
 
 @register

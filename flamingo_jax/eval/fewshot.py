@@ -74,7 +74,9 @@ def rices_support(support_emb, query_emb, k: int) -> np.ndarray:
 
 @functools.partial(jax.jit, static_argnums=0)
 def _embed(model, params, images):
-  pooled = lambda m, x: m.vision_encoder(x, train=False).mean(axis=(1, 2))
+  def pooled(m, x):  # NFNet gives a grid [M, h, w, C], a ViT tokens [M, S, C].
+    features = m.vision_encoder(x, train=False)
+    return features.reshape(features.shape[0], -1, features.shape[-1]).mean(axis=1)
   return model.apply({"params": params}, images, method=pooled)
 
 

@@ -1,5 +1,8 @@
 """Flamingo: frozen NFNet → Perceiver Resampler → frozen LM with gated xattn blocks (paper Fig. 3).
 
+The vision encoder is the paper's NFNet or, for OpenFlamingo's weights, an OpenCLIP ViT
+(model.vision.kind='open_clip_vit'); both give [.., C] features the resampler flattens per frame.
+
 Submodules live under stable names that parameter regexes select (checkpoints and configs depend
 on them): `vision/…` (frozen), `resampler/…` (trainable; the Perceiver Resampler, or the MLP of
 the paper's ablation with model.resampler.kind='mlp'), `lm/…` (frozen), `lm/{groups,tail}/xattn/…`
@@ -19,6 +22,7 @@ from flamingo_jax.models import layers
 from flamingo_jax.models import lm as lm_lib
 from flamingo_jax.models import nfnet
 from flamingo_jax.models import perceiver
+from flamingo_jax.models import vit
 
 
 def lm_config(model_cfg: Any) -> lm_lib.LMConfig:
@@ -39,7 +43,7 @@ class Flamingo(nn.Module):
   fill the LM's KV cache and every xattn block's visual keys/values, then once per new token with
   images=None (see flamingo_jax/eval/decode.py).
   """
-  vision: nfnet.NFNetConfig
+  vision: nfnet.NFNetConfig | vit.ViTConfig
   connector: perceiver.ConnectorConfig
   lm: lm_lib.LMConfig
   dtype: str = "float32"
@@ -48,7 +52,10 @@ class Flamingo(nn.Module):
 
   def setup(self):
     dt = dict(dtype=jnp.dtype(self.dtype), param_dtype=jnp.dtype(self.param_dtype))
-    self.vision_encoder = nfnet.NFNet(dataclasses.replace(self.vision, **dt), name="vision")
+    if isinstance(self.vision, vit.ViTConfig):
+      self.vision_encoder = vit.VisionTransformer(self.vision, **dt, name="vision")
+    else:
+      self.vision_encoder = nfnet.NFNet(dataclasses.replace(self.vision, **dt), name="vision")
     self.visual_connector = perceiver.connector(self.connector, **dt, name="resampler")
     self.language_model = lm_lib.LM(self.lm, decode=self.decode, name="lm")
 
@@ -57,9 +64,10 @@ class Flamingo(nn.Module):
     if images.ndim != 6 or images.shape[-1] != 3:
       raise ValueError(f"images must be [B, N, T, H, W, 3]; got shape {images.shape}.")
     b, n, t, h, w, _ = images.shape
-    grid = self.vision_encoder(images.reshape(b * n * t, h, w, 3), train=False)  # [BNT, h, w, C]
-    grid = layers.constrain_batch(jax.lax.stop_gradient(grid))
-    return self.visual_connector(grid.reshape(b, n, t, -1, grid.shape[-1]))  # [B, N, T, S, C] in
+    # NFNet: a grid [BNT, h, w, C]; ViT: patch tokens [BNT, S, C].
+    feats = self.vision_encoder(images.reshape(b * n * t, h, w, 3), train=False)
+    feats = layers.constrain_batch(jax.lax.stop_gradient(feats))
+    return self.visual_connector(feats.reshape(b, n, t, -1, feats.shape[-1]))  # [B, N, T, S, C] in
 
   def __call__(self, images, tokens, media_idx, features=None):
     """-> logits [B, L, V + n_new] (float32).
@@ -74,13 +82,24 @@ class Flamingo(nn.Module):
     return self.language_model(tokens, visual, media_idx)
 
 
+def vision_config(vision_cfg: Any) -> nfnet.NFNetConfig | vit.ViTConfig:
+  """The vision encoder's config from `config.model.vision` (see `from_config`)."""
+  vision = dict(vision_cfg)
+  kind = vision.pop("kind", "nfnet")
+  if kind == "nfnet":
+    return nfnet.nfnet_config(vision.pop("variant", "F0"), **vision)
+  if kind == "open_clip_vit":  # name: one of vit.NAMES; without it, a custom ViT's fields.
+    return vit.vit_config(vision.pop("name", None), **vision)
+  raise ValueError(f"model.vision.kind={kind!r}: expected 'nfnet' or 'open_clip_vit'.")
+
+
 def from_config(model_cfg: Any, decode: bool = False) -> Flamingo:
   """A Flamingo module from `config.model` (vision, resampler, lm, dtype, param_dtype,
-  remat_policy)."""
-  vision = dict(model_cfg.vision)
-  variant = vision.pop("variant", "F0")
+  remat_policy). vision.kind: 'nfnet' (default; `variant` F0..F7 and NFNetConfig overrides) or
+  'open_clip_vit' (`name`, e.g. 'ViT-L-14', and ViTConfig overrides, or no name and every field
+  of a custom ViT)."""
   return Flamingo(
-      vision=nfnet.nfnet_config(variant, **vision),
+      vision=vision_config(model_cfg.vision),
       connector=perceiver.connector_config(model_cfg.resampler),
       lm=lm_config(model_cfg), dtype=model_cfg.get("dtype", "float32"),
       param_dtype=model_cfg.get("param_dtype", "float32"), decode=decode)
