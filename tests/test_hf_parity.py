@@ -30,6 +30,15 @@ CONFIGS = {  # family: (config class, tiny settings)
         rotary_pct=0.25, use_parallel_residual=True)),
     "mpt": (transformers.MptConfig, dict(  # 6 heads: ALiBi slopes for a non-power of 2.
         d_model=48, n_heads=6, n_layers=2, max_seq_len=64)),
+    "mistral": (transformers.MistralConfig, dict(  # A window of 5 < the 16 tokens: it acts.
+        hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, sliding_window=5)),
+    "qwen2": (transformers.Qwen2Config, dict(  # q/k/v biases, no o_proj bias.
+        hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2)),
+    "gemma": (transformers.GemmaConfig, dict(  # head_dim 24: 4 x 24 != 64; one k/v head.
+        hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=1, head_dim=24, hidden_act="gelu_pytorch_tanh")),
 }
 
 
@@ -71,8 +80,9 @@ def random_tokens(seed=0, vocab=V, shape=(2, 16)):
   return np.random.default_rng(seed).integers(0, vocab, shape).astype(np.int32)
 
 
-@pytest.mark.parametrize("family,sharded", [("gpt2", False), ("gpt2", True), ("llama", False),
-                                            ("gpt_neox", False), ("mpt", False)])
+@pytest.mark.parametrize("family,sharded", [
+    ("gpt2", False), ("gpt2", True), ("llama", False), ("gpt_neox", False), ("mpt", False),
+    ("mistral", False), ("qwen2", False), ("gemma", False)])
 def test_logits_match_transformers(tmp_path, family, sharded):
   model = tiny_hf_lm(tmp_path, family, max_shard_size="20KB" if sharded else "5GB")
   assert os.path.exists(tmp_path / "model.safetensors.index.json") == sharded
@@ -86,8 +96,9 @@ def test_logits_match_transformers(tmp_path, family, sharded):
   assert err <= 1e-4
 
 
-@pytest.mark.parametrize("family, theta_key", [("llama", "rope_theta"),
-                                              ("gpt_neox", "rotary_emb_base")])
+@pytest.mark.parametrize("family, theta_key", [
+    ("llama", "rope_theta"), ("gpt_neox", "rotary_emb_base"), ("mistral", "rope_theta"),
+    ("qwen2", "rope_theta"), ("gemma", "rope_theta")])
 def test_transformers_5_rope_parameters_are_read(tmp_path, family, theta_key):
   """transformers 5.x writes the rotary base under rope_parameters: a model trained with θ=5e5
   converted from that layout matches (reading only the 4.x key would silently use 1e4)."""
@@ -114,6 +125,81 @@ def test_scaled_rotary_embeddings_are_refused_by_name(rope):
           "num_hidden_layers": 1, "intermediate_size": 96, "vocab_size": V}
   with pytest.raises(ValueError, match="rope_scaling|rope_parameters.rope_type"):
     hf.convert({}, {**base, **rope})
+
+
+def test_partial_rotary_is_refused_outside_gpt_neox():
+  base = {"model_type": "mistral", "hidden_size": 64, "num_attention_heads": 4,
+          "num_hidden_layers": 1, "intermediate_size": 96, "vocab_size": V}
+  for extra in ({"partial_rotary_factor": 0.5},
+                {"rope_parameters": {"rope_theta": 1e4, "partial_rotary_factor": 0.5}}):
+    with pytest.raises(ValueError, match="mistral config.json sets partial_rotary_factor=0.5"):
+      hf.convert({}, {**base, **extra})
+
+
+def test_gemma_parts_each_matter(tmp_path):
+  """Gemma's (1 + weight) norms, sqrt(dim)-scaled embeddings and GeGLU: dropping any one moves the
+  logits far from transformers'."""
+  model = tiny_hf_lm(tmp_path, "gemma")
+  cfg, params = hf.load_hf_lm(str(tmp_path))
+  assert (cfg.scale_embeddings, cfg.head_dim, cfg.activation, cfg.tied_embeddings) == (
+      True, 24, "gelu_tanh", True)
+  tokens = random_tokens()
+  theirs = hf_logits(model, tokens)
+  raw_norms = jax.tree_util.tree_map_with_path(
+      lambda path, x: x - 1 if "norm" in str(path) else x, params)
+  for wrong_cfg, wrong_params in ((dataclasses.replace(cfg, scale_embeddings=False), params),
+                                  (dataclasses.replace(cfg, activation="silu"), params),
+                                  (cfg, raw_norms)):
+    assert rel_error(apply(wrong_cfg, wrong_params, tokens), theirs) > 1e-3
+
+
+def test_sliding_window_acts_and_decodes(tmp_path):
+  """Mistral's window (5 of 16 tokens) matches transformers, in one pass and token by token from
+  the KV cache; without it the logits differ."""
+  model = tiny_hf_lm(tmp_path, "mistral")
+  cfg, params = hf.load_hf_lm(str(tmp_path))
+  assert cfg.sliding_window == 5
+  tokens = random_tokens()
+  theirs = hf_logits(model, tokens)
+  assert rel_error(apply(cfg, params, tokens), theirs) <= 1e-4
+  assert rel_error(apply(dataclasses.replace(cfg, sliding_window=None), params, tokens),
+                   theirs) > 1e-3
+  decoder = lm_lib.LM(cfg, decode=True)
+  cache = decoder.init(jax.random.key(0), np.zeros((2, 16), np.int32))["cache"]
+  logits, state = decoder.apply({"params": params, "cache": cache}, tokens[:, :3],
+                                mutable=["cache"])
+  steps = [logits]
+  for t in range(3, 16):
+    logits, state = decoder.apply({"params": params, **state}, tokens[:, t:t + 1],
+                                  mutable=["cache"])
+    steps.append(logits)
+  assert rel_error(np.concatenate(steps, 1), theirs) <= 1e-4
+
+
+@pytest.mark.parametrize("layers,window", [(0, 5), (2, None)])
+def test_qwen2_window_on_all_layers_or_none(tmp_path, layers, window):
+  """use_sliding_window from layer `max_window_layers` on: all layers (0) or none (2 of 2)."""
+  model = tiny_hf_lm(tmp_path, "qwen2", use_sliding_window=True, sliding_window=5,
+                     max_window_layers=layers)
+  cfg, params = hf.load_hf_lm(str(tmp_path))
+  assert (cfg.sliding_window, cfg.qkv_bias, cfg.use_bias) == (window, True, False)
+  tokens = random_tokens()
+  assert rel_error(apply(cfg, params, tokens), hf_logits(model, tokens)) <= 1e-4
+
+
+def test_qwen2_mixed_windows_and_gemma2_are_refused():
+  base = {"model_type": "qwen2", "hidden_size": 64, "num_attention_heads": 4,
+          "num_hidden_layers": 2, "intermediate_size": 96, "vocab_size": V}
+  with pytest.raises(ValueError, match="use_sliding_window=true with sliding_window=8 on only "
+                                       "some layers .*max_window_layers=1"):
+    hf.convert({}, {**base, "use_sliding_window": True, "sliding_window": 8,
+                    "max_window_layers": 1})
+  with pytest.raises(ValueError, match="layer_types"):
+    hf.convert({}, {**base, "layer_types": ["full_attention", "chunked_attention"]})
+  with pytest.raises(ValueError, match="model_type='gemma2' is not supported"):
+    hf.convert({}, {**base, "model_type": "gemma2"})
+  with pytest.raises(ValueError, match="attention_bias"):
+    hf.convert({}, {**base, "model_type": "gemma", "attention_bias": True})
 
 
 def word_level_tokenizer(directory, size):

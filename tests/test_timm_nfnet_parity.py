@@ -120,3 +120,56 @@ def test_non_dm_nfnet_is_rejected():
   state = timm.create_model("nfnet_f0", pretrained=False, num_classes=0, **TINY).state_dict()
   with pytest.raises(ValueError, match="not a timm dm_nfnet_f"):
     timm_nfnet.convert(state, nfnet.NFNet(nfnet.NFNetConfig(**TINY)))
+
+
+@pytest.mark.parametrize("kwargs", [TINY, dict(TINY, depths=(1, 2, 2, 1), num_classes=10)])
+def test_export_loads_into_timm_strictly(kwargs):
+  """Our random params -> timm (strict) gives our feature grid (and logits), and convert(export(p))
+  is p bit for bit."""
+  cfg = nfnet.NFNetConfig(**kwargs)
+  model = nfnet.NFNet(cfg)
+  images = np.random.RandomState(1).randn(2, 64, 48, 3).astype(np.float32)
+  params = nn.meta.unbox(model.init(jax.random.key(0), images))["params"]
+  # SkipInit gains start at 0, which would hide the residual branches.
+  params = jax.tree_util.tree_map_with_path(
+      lambda path, x: np.full_like(x, 0.7) if "skipinit" in jax.tree_util.keystr(path)
+      else np.asarray(x), params)
+
+  state = timm_nfnet.export(cfg, params)
+  assert all(isinstance(v, np.ndarray) for v in state.values())
+  theirs = timm.create_model("dm_nfnet_f0", pretrained=False, **{"num_classes": 0, **kwargs}).eval()
+  # Shapes exactly as timm's (load_state_dict would accept a (1,) array for a scalar).
+  assert {k: v.shape for k, v in state.items()} == {
+      k: tuple(v.shape) for k, v in theirs.state_dict().items()}
+  theirs.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()}, strict=True)
+  with torch.no_grad():
+    x = torch.from_numpy(images).permute(0, 3, 1, 2)
+    grid_ref = theirs.forward_features(x).permute(0, 2, 3, 1).numpy()
+    logits_ref = theirs(x).numpy()
+  out = jax.jit(model.apply)({"params": params}, images)
+  grid = np.asarray(out[0] if cfg.num_classes else out)
+  assert grid.shape == grid_ref.shape
+  assert np.linalg.norm(grid - grid_ref) / np.linalg.norm(grid_ref) <= 1e-4
+  if cfg.num_classes:
+    np.testing.assert_allclose(np.asarray(out[1]), logits_ref, rtol=1e-4, atol=1e-4)
+
+  back = timm_nfnet.convert(state, model)
+  assert jax.tree.structure(back) == jax.tree.structure(params)
+  for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(params)):
+    assert a.dtype == b.dtype
+    np.testing.assert_array_equal(a, b)
+
+
+def test_export_checks_the_params():
+  cfg = nfnet.NFNetConfig(**TINY)
+  params = timm_nfnet.convert(
+      {k: v.numpy() for k, v in _timm(**TINY, num_classes=0).state_dict().items()},
+      nfnet.NFNet(cfg))
+  params["stem_conv1"]["kernel"] = params["stem_conv1"]["kernel"][:2]
+  del params["final_conv"]["gain"]
+  params["extra"] = {"w": np.zeros(3)}
+  with pytest.raises(ValueError) as error:
+    timm_nfnet.export(cfg, params)
+  for expected in ("missing ['final_conv/gain']", "unexpected ['extra/w']",
+                   "stem_conv1/kernel (2, 3, 3, 2) (expected (3, 3, 3, 2))"):
+    assert expected in str(error.value)

@@ -1,9 +1,10 @@
 """The decoder-only language model that Flamingo keeps frozen, with GATED XATTN-DENSE blocks.
 
 One configurable pre-norm Transformer covers the paper's Chinchilla-style LM and the common open
-LMs (GPT-2, LLaMA, GPT-NeoX, MPT, OPT): LayerNorm or RMSNorm, rotary / learned / ALiBi positions,
-GELU or SwiGLU MLPs, multi-head or grouped-query attention, tied or untied embeddings, biases on or
-off, sequential or parallel residuals.
+LMs (GPT-2, LLaMA, Mistral, Qwen2, Gemma, GPT-NeoX, MPT, OPT): LayerNorm or RMSNorm, rotary /
+learned / ALiBi positions, GELU or gated (SwiGLU, GeGLU) MLPs, multi-head or grouped-query
+attention, full or sliding-window causal masks, tied or untied embeddings (optionally scaled by
+sqrt(dim)), biases on or off (or on q/k/v only), sequential or parallel residuals.
 
 Layer layout. Gated xattn blocks sit *before* LM layers. The paper places them before layer 0 and
 every n-th layer after it (3B: n=1, 24 blocks; 9B: n=4, 10; 80B: n=7 over 80 layers, 12);
@@ -56,7 +57,10 @@ class LMConfig:
   gated_mlp: bool = False  # True with activation='silu' is SwiGLU.
   parallel_residual: bool = False
   tied_embeddings: bool = True
+  scale_embeddings: bool = False  # Token embeddings x sqrt(dim), rounded to `dtype` (Gemma).
   use_bias: bool = False
+  qkv_bias: bool = False  # Biases on query/key/value only (Qwen2); use_bias puts them everywhere.
+  sliding_window: int | None = None  # Each query sees its last `sliding_window` keys (Mistral).
   final_norm: bool = True
   xattn: xattn_lib.XattnConfig | None = None
   num_latents: int = 64  # Visual tokens per image, from the resampler.
@@ -71,6 +75,9 @@ class LMConfig:
     if self.num_heads % self.kv_heads:
       raise ValueError(f"lm.num_kv_heads={self.num_kv_heads} must divide lm.num_heads="
                        f"{self.num_heads}.")
+    if self.sliding_window is not None and self.sliding_window < 1:
+      raise ValueError(f"lm.sliding_window={self.sliding_window} must be >= 1 (or None: no "
+                       "window).")
     if self.position not in ("rotary", "learned", "alibi", "none"):
       raise ValueError(f"lm.position={self.position!r}; expected rotary|learned|alibi|none.")
     layers.activation(self.activation)
@@ -114,7 +121,8 @@ def xattn_layout(num_layers: int, every: int, placement: str) -> tuple[int, int,
 # precision, memory, and the context length (a learned position table's size is a shape).
 _NOT_THE_FUNCTION = ("xattn", "num_latents", "max_len", "dtype", "param_dtype", "remat_policy")
 # Fields that act only with one value of another: field -> (other field, value).
-_ONLY_WITH = {"norm_bias": ("norm", "layernorm"), "rotary_pct": ("position", "rotary"),
+_ONLY_WITH = {"norm_bias": ("norm", "layernorm"), "qkv_bias": ("use_bias", False),
+              "rotary_pct": ("position", "rotary"),
               "rope_theta": ("position", "rotary"), "alibi_bias_max": ("position", "alibi")}
 
 
@@ -176,9 +184,10 @@ class SelfAttention(nn.Module):
     kw = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype),
               use_bias=cfg.use_bias)
     dh = cfg.head_size
-    q = layers.dense((cfg.num_heads, dh), ("embed", "heads", "kv"), **kw, name="query")(x)
-    k = layers.dense((cfg.kv_heads, dh), ("embed", "kv_heads", "kv"), **kw, name="key")(x)
-    v = layers.dense((cfg.kv_heads, dh), ("embed", "kv_heads", "kv"), **kw, name="value")(x)
+    qkv = kw | dict(use_bias=cfg.use_bias or cfg.qkv_bias)
+    q = layers.dense((cfg.num_heads, dh), ("embed", "heads", "kv"), **qkv, name="query")(x)
+    k = layers.dense((cfg.kv_heads, dh), ("embed", "kv_heads", "kv"), **qkv, name="key")(x)
+    v = layers.dense((cfg.kv_heads, dh), ("embed", "kv_heads", "kv"), **qkv, name="value")(x)
     if cfg.position == "rotary":
       rd = int(dh * cfg.rotary_pct)
       q, k = (rotary(t, positions, rd, cfg.rope_theta) for t in (q, k))
@@ -197,7 +206,10 @@ class SelfAttention(nn.Module):
         ci.value = idx + l
         k, v, q_slot = ck.value, cv.value, idx + q_slot
     k_slot = jnp.arange(k.shape[1])
-    mask = (k_slot[None, :] <= q_slot[:, None])[None, None]  # [1, 1, L, S]
+    mask = k_slot[None, :] <= q_slot[:, None]  # [L, S]
+    if cfg.sliding_window is not None:  # Slot distances are position distances (pads sit left).
+      mask = mask & (k_slot[None, :] > q_slot[:, None] - cfg.sliding_window)
+    mask = mask[None, None]  # [1, 1, L, S]
     if key_mask is not None:
       mask = mask & key_mask[:, None, None, :]  # [B, 1, L, S]
     bias = None
@@ -292,7 +304,10 @@ class LM(nn.Module):
                              (cfg.num_new_tokens, cfg.dim), pdt)
       new_ids = jnp.clip(tokens - cfg.vocab_size, 0, cfg.num_new_tokens - 1)
       x = jnp.where((tokens >= cfg.vocab_size)[..., None], jnp.take(new_table, new_ids, 0), x)
-    return x.astype(jnp.dtype(cfg.dtype)), table, new_table
+    x = x.astype(jnp.dtype(cfg.dtype))
+    if cfg.scale_embeddings:  # The factor rounded to the compute dtype first, as Gemma does.
+      x = x * jnp.asarray(math.sqrt(cfg.dim), x.dtype)
+    return x, table, new_table
 
   def head(self, x, table, new_table):
     cfg = self.cfg
