@@ -13,6 +13,8 @@ Modes (each a small function in MODES):
                       step, compile time and the step time at --mfu (flamingo_jax/train/aot.py).
   eval                evaluate the workdir's newest checkpoint (few-shot tasks for Flamingo,
                       retrieval for the contrastive model; flamingo_jax/eval/evaluate.py).
+  predict             continue --prompt about --image files with the workdir's model (config from
+                      its config.json; flags and API in flamingo_jax/predict.py).
 """
 import json
 import os
@@ -27,12 +29,14 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from flamingo_jax import predict as predict_lib  # Defines predict's flags; imports no JAX.
+
 _CONFIG = config_flags.DEFINE_config_file("config", None,
                                           "Config file (flamingo_jax/configs/*.py[:arg]).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and logs go here.")
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "local_multiprocess", "tpu_pod", "compile",
-                                           "eval"],
+                                           "eval", "predict"],
                           "What to do (see the module docstring).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", 1, "Processes of a multi-process run.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", 0, "This process (set by local_multiprocess).")
@@ -153,15 +157,21 @@ def evaluate(argv):
   print(json.dumps(evaluate_lib.evaluate(_CONFIG.value, _WORKDIR.value), indent=2))
 
 
+def predict(argv):
+  """Prints the model's answer to --prompt about the --image files (flamingo_jax/predict.py)."""
+  del argv
+  predict_lib.predict(_WORKDIR.value, _CONFIG.value)
+
+
 MODES = {"train": train, "local_multiprocess": local_multiprocess, "tpu_pod": tpu_pod,
-         "compile": compile_for_topology, "eval": evaluate}
+         "compile": compile_for_topology, "eval": evaluate, "predict": predict}
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}.")
   pod_control = _MODE.value == "tpu_pod" and _POD_ACTION.value != "start"
-  if _CONFIG.value is None and not pod_control:
+  if _CONFIG.value is None and not pod_control and _MODE.value != "predict":
     raise app.UsageError("--config is required (e.g. --config=flamingo_jax/configs/tiny.py).")
   if not _WORKDIR.value and _MODE.value != "compile" and not pod_control:
     raise app.UsageError("--workdir is required.")

@@ -150,3 +150,87 @@ def test_left_pad_and_context_error(setup):
   np.testing.assert_array_equal(lengths, [3, 2])
   with pytest.raises(ValueError, match="max_len"):
     decode.generate(model, params, char_tokenizer(), images, [[1, V, 5]] * 2, max_new_tokens=200)
+
+
+def hf_processors():
+  """transformers' logits processors, the definitions decode.Controls follows."""
+  pytest.importorskip("torch")
+  return pytest.importorskip("transformers")
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_no_repeat_ngram_and_repetition_penalty_equal_hugging_face(n):
+  import torch  # pylint: disable=g-import-not-at-top
+  hf = hf_processors()
+  rng = np.random.default_rng(n)
+  ids = rng.integers(0, 3, (4, 16))  # Few distinct ids: many repeated n-grams.
+  logits = rng.normal(size=(4, 20)).astype(np.float32) * 3
+  want = hf.NoRepeatNGramLogitsProcessor(n)(torch.tensor(ids), torch.tensor(logits)).numpy()
+  got = decode.no_repeat_ngram(jnp.asarray(logits), jnp.asarray(ids), jnp.zeros(4, jnp.int32),
+                               16, n)
+  np.testing.assert_array_equal(np.isinf(got), np.isinf(want))
+  assert np.isinf(want).any() and not np.isinf(want).all()
+  np.testing.assert_array_equal(np.where(np.isinf(want), 0, got), np.where(np.isinf(want), 0, want))
+  seen = np.zeros(logits.shape, bool)
+  seen[np.arange(4)[:, None], ids] = True
+  want = hf.RepetitionPenaltyLogitsProcessor(1.7)(torch.tensor(ids), torch.tensor(logits)).numpy()
+  np.testing.assert_allclose(decode.repetition_penalty(logits, seen, 1.7), want, rtol=1e-6)
+
+
+def test_no_repeat_ngram_skips_left_padding_and_unfilled_slots():
+  """Row 1's pads (before start) and every slot from `length` on are not tokens."""
+  history = jnp.array([[1, 2, 1, 2, 0, 0], [2, 1, 5, 1, 0, 0]])  # length 4: slots 4, 5 unfilled.
+  got = decode.no_repeat_ngram(jnp.zeros((2, 8)), history, jnp.array([0, 2]), 4, 2)
+  np.testing.assert_array_equal(np.isinf(got[0]), np.eye(8)[1].astype(bool))  # 2 1 then 2 -> 1.
+  assert not np.isinf(got[1]).any()  # "2 1" of row 1 lies in its padding.
+
+
+@pytest.mark.parametrize("k, p", [(1, 1.0), (5, 1.0), (0, 0.3), (0, 0.9), (7, 0.6)])
+def test_top_k_and_top_p_equal_hugging_face(k, p):
+  import torch  # pylint: disable=g-import-not-at-top
+  hf = hf_processors()
+  logits = np.random.default_rng(k).normal(size=(4, 30)).astype(np.float32) * 2
+  want = torch.tensor(logits)
+  got = jnp.asarray(logits)
+  if k:
+    want, got = hf.TopKLogitsWarper(k)(None, want), decode.top_k(got, k)
+  if p < 1:
+    want, got = hf.TopPLogitsWarper(p)(None, want), decode.top_p(got, p)
+  want = want.numpy()
+  np.testing.assert_array_equal(np.isinf(got), np.isinf(want))
+  np.testing.assert_array_equal(np.where(np.isinf(want), 0, got), np.where(np.isinf(want), 0, want))
+
+
+def test_greedy_with_repetition_controls_equals_hugging_face_on_full_forwards(setup):
+  """In the cached loop, with left-padded prompts: the same tokens as HF's processors on full
+  forwards of each row's real tokens."""
+  import torch  # pylint: disable=g-import-not-at-top
+  hf = hf_processors()
+  model, params, images, prompts = setup
+  controls = decode.Controls(repetition_penalty=1.8, no_repeat_ngram_size=2)
+  out, _ = decode.greedy_search(*decode_args(model, params, images, prompts, (-1,)),
+                                max_new_tokens=6, controls=controls)
+  processors = hf.LogitsProcessorList([hf.RepetitionPenaltyLogitsProcessor(1.8),
+                                       hf.NoRepeatNGramLogitsProcessor(2)])
+  seqs = [list(p) for p in prompts]
+  for _ in range(6):
+    tokens = np.full((len(seqs), 16), 3, np.int32)
+    for row, seq in zip(tokens, seqs):
+      row[:len(seq)] = seq
+    logits = full_forward()(params, images, tokens, model_utils.media_idx_from_tokens(tokens, V))
+    for b, seq in enumerate(seqs):
+      scores = torch.tensor(np.asarray(logits[b, len(seq) - 1]))[None]
+      seq.append(int(processors(torch.tensor([seq]), scores).argmax()))
+  assert np.asarray(out).tolist() == [s[len(p):] for s, p in zip(seqs, prompts)]
+  plain, _ = decode.greedy_search(*decode_args(model, params, images, prompts, (-1,)),
+                                  max_new_tokens=6)
+  assert np.asarray(plain).tolist() != np.asarray(out).tolist()  # The controls did something.
+
+
+def test_controls_out_of_range_are_named():
+  for bad, field in ((dict(temperature=0.0), "temperature"), (dict(top_k=-1), "top_k"),
+                     (dict(top_p=1.5), "top_p"), (dict(repetition_penalty=0.0),
+                                                  "repetition_penalty"),
+                     (dict(no_repeat_ngram_size=-2), "no_repeat_ngram_size")):
+    with pytest.raises(ValueError, match=f"{field}="):
+      decode.Controls(**bad)

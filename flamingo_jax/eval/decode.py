@@ -1,5 +1,5 @@
-"""Batched greedy and beam-search decoding with a fixed-size KV cache (paper: beam 3, stop at
-<EOC>).
+"""Batched greedy, sampled and beam-search decoding with a fixed-size KV cache (paper: beam 3, stop
+at <EOC>).
 
 Prompts of different lengths are left-padded to one length P: row b's prompt fills the last
 lengths[b] slots, a key mask hides the pads and positions count from each row's first real token.
@@ -7,7 +7,12 @@ The prompt's call fills the self-attention caches and projects the visual keys/v
 new token is then one cached LM step inside a `jax.lax.while_loop`, so a given (batch, P,
 max_new_tokens) compiles once, whatever lengths are generated. The loop stops when every row (every
 beam) has emitted a stop token or after max_new_tokens.
+
+Greedy and sampled decoding take `Controls`: logits processors as Hugging Face `generate` defines
+them (repetition penalty, no-repeat n-grams, then temperature, top-k, top-p), each a jnp function of
+the logits and the tokens so far, applied inside the loop.
 """
+import dataclasses
 import functools
 from typing import Sequence
 
@@ -59,7 +64,7 @@ def _batch_axes(lm, length, visual):
 
 
 def _prefill(lm, params, visual, tokens, media_idx, lengths, max_new_tokens):
-  """Runs the prompts -> last log-probs [B, V], the filled cache, key_mask [B, P + new tokens]."""
+  """Runs the prompts -> last logits [B, V], the filled cache, key_mask [B, P + new tokens]."""
   b, p = tokens.shape
   pad = p - lengths  # [B]
   key_mask = jnp.arange(p + max_new_tokens)[None] >= pad[:, None]
@@ -68,42 +73,141 @@ def _prefill(lm, params, visual, tokens, media_idx, lengths, max_new_tokens):
                                  _cache_shapes(lm, b, p + max_new_tokens, visual))
   logits, state = lm.apply({"params": params, "cache": cache}, tokens, visual, media_idx,
                            positions, key_mask, mutable=["cache"])
-  return jax.nn.log_softmax(logits[:, -1]), state["cache"], key_mask
+  return logits[:, -1], state["cache"], key_mask
 
 
 def _step(lm, params, cache, token, position, media_idx, key_mask):
-  """One cached LM call on token [B] -> next log-probs [B, V], the updated cache."""
+  """One cached LM call on token [B] -> next logits [B, V], the updated cache."""
   logits, state = lm.apply({"params": params, "cache": cache}, token[:, None], None,
                            media_idx[:, None], position[:, None], key_mask, mutable=["cache"])
-  return jax.nn.log_softmax(logits[:, 0]), state["cache"]
+  return logits[:, 0], state["cache"]
 
 
-@functools.partial(jax.jit, static_argnames=("lm", "max_new_tokens"))
+@dataclasses.dataclass(frozen=True)
+class Controls:
+  """Logits processors of greedy and sampled decoding; the defaults change nothing.
+
+  repetition_penalty > 1 discourages every token already in the prompt or the output;
+  no_repeat_ngram_size n > 0 bans each token that would repeat an n-gram of them; temperature,
+  top_k (0: all) and top_p (1: all) shape the distribution that sampling draws from.
+  """
+  temperature: float = 1.0
+  top_k: int = 0
+  top_p: float = 1.0
+  repetition_penalty: float = 1.0
+  no_repeat_ngram_size: int = 0
+
+  def __post_init__(self):
+    checks = {"temperature": self.temperature > 0, "top_k": self.top_k >= 0,
+              "top_p": 0 < self.top_p <= 1, "repetition_penalty": self.repetition_penalty > 0,
+              "no_repeat_ngram_size": self.no_repeat_ngram_size >= 0}
+    bad = [f"{k}={getattr(self, k)!r}" for k, ok in checks.items() if not ok]
+    if bad:
+      raise ValueError(f"decoding controls out of range: {', '.join(bad)} (temperature > 0, "
+                       "top_k >= 0, 0 < top_p <= 1, repetition_penalty > 0, "
+                       "no_repeat_ngram_size >= 0).")
+
+  @property
+  def shapes_distribution(self) -> bool:
+    """Whether temperature, top-k or top-p are set: they matter to sampling only."""
+    return (self.temperature, self.top_k, self.top_p) != (1.0, 0, 1.0)
+
+  @property
+  def penalises_repetition(self) -> bool:
+    return self.repetition_penalty != 1.0 or self.no_repeat_ngram_size > 0
+
+
+def repetition_penalty(logits, seen, penalty):
+  """logits [B, V] of the tokens in `seen` [B, V] divided by `penalty` where positive and
+  multiplied by it where negative (CTRL, Keskar et al. 2019; Hugging Face's definition)."""
+  return jnp.where(seen, jnp.where(logits < 0, logits * penalty, logits / penalty), logits)
+
+
+def no_repeat_ngram(logits, history, start, length, n: int):
+  """-inf at each token that would complete an n-gram already in history[b, start[b]:length].
+
+  history [B, W] holds each row's tokens left-padded from start[b]; `length` (a scalar, the
+  same for every row) counts the slots filled so far, the next token goes to slot `length`.
+  """
+  b, width = history.shape
+  if n > width:  # No n-gram fits.
+    return logits
+  windows = jnp.stack([history[:, j:width - n + 1 + j] for j in range(n)], -1)  # [B, W-n+1, n]
+  last = jax.lax.dynamic_slice_in_dim(history, length - (n - 1), n - 1, axis=1)  # [B, n-1]
+  first = jnp.arange(width - n + 1)[None]
+  match = ((windows[..., :-1] == last[:, None]).all(-1) & (first >= start[:, None])
+           & (first + n <= length) & (length - (n - 1) >= start[:, None]))
+  banned = jnp.zeros(logits.shape, bool).at[jnp.arange(b)[:, None], windows[..., -1]].max(match)
+  return jnp.where(banned, -jnp.inf, logits)
+
+
+def top_k(logits, k: int):
+  """-inf below the k-th largest logit of each row (ties with it kept)."""
+  kth = jax.lax.top_k(logits, k)[0][:, -1:]
+  return jnp.where(logits < kth, -jnp.inf, logits)
+
+
+def top_p(logits, p: float):
+  """Nucleus: keeps the most likely tokens until their probability reaches p (at least one)."""
+  order = jnp.argsort(-logits, axis=-1)
+  probs = jax.nn.softmax(jnp.take_along_axis(logits, order, -1), -1)
+  before = jnp.cumsum(probs, -1) - probs  # Mass of the more likely tokens.
+  keep = jnp.zeros(logits.shape, bool).at[jnp.arange(len(logits))[:, None], order].set(before < p)
+  return jnp.where(keep, logits, -jnp.inf)
+
+
+def _process(controls: Controls, logits, seen, history, start, length):
+  """The processors that `controls` sets, in Hugging Face's order."""
+  if controls.repetition_penalty != 1.0:
+    logits = repetition_penalty(logits, seen, controls.repetition_penalty)
+  if controls.no_repeat_ngram_size:
+    logits = no_repeat_ngram(logits, history, start, length, controls.no_repeat_ngram_size)
+  if controls.temperature != 1.0:
+    logits = logits / controls.temperature
+  if controls.top_k:
+    logits = top_k(logits, min(controls.top_k, logits.shape[-1]))
+  if controls.top_p < 1.0:
+    logits = top_p(logits, controls.top_p)
+  return logits
+
+
+@functools.partial(jax.jit, static_argnames=("lm", "max_new_tokens", "controls"))
 def greedy_search(lm: lm_lib.LM, params, visual, tokens, media_idx, lengths, stop_ids, pad_id, *,
-                  max_new_tokens: int):
-  """Greedy decoding -> (generated ids [B, T] with the stop token then pad_id, log-probs [B]).
+                  max_new_tokens: int, controls: Controls = Controls(), rng=None):
+  """Greedy decoding, or sampling with an rng -> (generated ids [B, T] with the stop token then
+  pad_id, log-probs [B]).
 
   lm: the LM in decode mode (`lm_lib.LM(model.lm, decode=True)`), params its parameters;
   visual [B, N, R, D]; tokens/media_idx [B, P] left-padded (`left_pad`); lengths [B];
-  stop_ids [S]. The log-prob sums the generated tokens', stop token included.
+  stop_ids [S]. Each token is the argmax of the logits after `controls`' processors, or drawn
+  from them with jax.random.fold_in(rng, step). The log-prob sums the generated tokens' under the
+  model (unprocessed), stop token included.
   """
-  logprobs, cache, key_mask = _prefill(lm, params, visual, tokens, media_idx, lengths,
-                                       max_new_tokens)
-  b = tokens.shape[0]
+  logits, cache, key_mask = _prefill(lm, params, visual, tokens, media_idx, lengths,
+                                     max_new_tokens)
+  b, p = tokens.shape
   media = media_idx[:, -1]  # New tokens see the prompt's last image.
+  start = p - lengths
+  history = jnp.concatenate([tokens, jnp.full((b, max_new_tokens), pad_id, jnp.int32)], 1)
+  seen = jnp.zeros(logits.shape, bool).at[jnp.arange(b)[:, None], tokens].max(key_mask[:, :p])
 
   def body(state):
-    t, cache, logprobs, out, score, done = state
-    token = jnp.where(done, pad_id, jnp.argmax(logprobs, -1))
+    t, cache, logits, history, seen, score, done = state
+    processed = _process(controls, logits, seen, history, start, p + t)
+    choice = (jnp.argmax(processed, -1) if rng is None else
+              jax.random.categorical(jax.random.fold_in(rng, t), processed))
+    token = jnp.where(done, pad_id, choice)
+    logprobs = jax.nn.log_softmax(logits)
     score = score + jnp.where(done, 0.0, jnp.take_along_axis(logprobs, token[:, None], 1)[:, 0])
     done = done | jnp.isin(token, stop_ids)
-    logprobs, cache = _step(lm, params, cache, token, lengths + t, media, key_mask)
-    return t + 1, cache, logprobs, out.at[:, t].set(token), score, done
+    history = history.at[:, p + t].set(token)
+    seen = seen.at[jnp.arange(b), token].set(True)
+    logits, cache = _step(lm, params, cache, token, lengths + t, media, key_mask)
+    return t + 1, cache, logits, history, seen, score, done
 
-  state = (0, cache, logprobs, jnp.full((b, max_new_tokens), pad_id, jnp.int32),
-           jnp.zeros(b), jnp.zeros(b, bool))
+  state = (0, cache, logits, history, seen, jnp.zeros(b), jnp.zeros(b, bool))
   state = jax.lax.while_loop(lambda s: (s[0] < max_new_tokens) & ~s[-1].all(), body, state)
-  return state[3], state[4]
+  return state[3][:, p:], state[5]
 
 
 @functools.partial(jax.jit, static_argnames=("lm", "max_new_tokens", "beam_size"))
@@ -117,8 +221,9 @@ def beam_search(lm: lm_lib.LM, params, visual, tokens, media_idx, lengths, stop_
   extends only by pad, at no cost) until the loop ends; the best beam is returned.
   """
   b, k = tokens.shape[0], beam_size
-  logprobs, cache, key_mask = _prefill(lm, params, visual, tokens, media_idx, lengths,
-                                       max_new_tokens)
+  logits, cache, key_mask = _prefill(lm, params, visual, tokens, media_idx, lengths,
+                                     max_new_tokens)
+  logprobs = jax.nn.log_softmax(logits)
   axes = _batch_axes(lm, tokens.shape[1] + max_new_tokens, visual)
   gather = lambda tree, rows: jax.tree_util.tree_map(
       lambda x, ax: x if ax is None else jnp.take(x, rows, axis=ax), tree, axes)
@@ -143,9 +248,9 @@ def beam_search(lm: lm_lib.LM, params, visual, tokens, media_idx, lengths, stop_
     done = jnp.take_along_axis(done, parent, 1) | jnp.isin(token, stop_ids)
     seqs = jnp.take_along_axis(seqs, parent[..., None], 1).at[:, :, t].set(token)
     rows = (jnp.arange(b)[:, None] * k + parent).reshape(-1)  # [B*K]
-    logprobs, cache = _step(lm, params, gather(cache, rows), token.reshape(-1), lengths + t, media,
-                            key_mask)
-    return t + 1, cache, logprobs, seqs, score, length, done
+    logits, cache = _step(lm, params, gather(cache, rows), token.reshape(-1), lengths + t, media,
+                          key_mask)
+    return t + 1, cache, jax.nn.log_softmax(logits), seqs, score, length, done
 
   score = jnp.where(jnp.arange(k) == 0, 0.0, -jnp.inf)[None].repeat(b, 0)  # One live beam at first.
   state = (0, cache, logprobs, jnp.full((b, k, max_new_tokens), pad_id, jnp.int32), score,
@@ -158,13 +263,21 @@ def beam_search(lm: lm_lib.LM, params, visual, tokens, media_idx, lengths, stop_
 
 def generate(model, params, tokenizer, images, prompts: Sequence[Sequence[int]], *,
              max_new_tokens: int = 20, beam_size: int = 3, length_penalty: float = 1.0,
-             pad_multiple: int = 16) -> list[list[int]]:
+             pad_multiple: int = 16, controls: Controls = Controls(),
+             sample_seed: int | None = None) -> list[list[int]]:
   """Continues each prompt until <EOC> or <EOS>: the generated ids per prompt, stop token dropped.
 
   model/params: a Flamingo (any `decode` setting) and its parameters; images [B, N, T, H, W, 3] the
   media of each prompt in order; prompts: id lists with their <image> tokens (fewshot.py builds
-  them). beam_size 1 is greedy.
+  them). beam_size 1 is greedy; a sample_seed samples (beam_size unused). `controls` apply to
+  greedy and sampling; temperature, top-k and top-p to sampling only.
   """
+  sample, beam = sample_seed is not None, sample_seed is None and beam_size > 1
+  if beam and (controls.shapes_distribution or controls.penalises_repetition):
+    raise ValueError(f"beam search takes no decoding controls ({controls}); use greedy "
+                     "(beam_size=1) or sampling for them.")
+  if not sample and controls.shapes_distribution:
+    raise ValueError(f"temperature, top_k and top_p apply to sampling only ({controls}).")
   lm = lm_lib.LM(model.lm, decode=True)
   tokens, media_idx, lengths = left_pad(prompts, tokenizer.pad_id, tokenizer.image_id,
                                         pad_multiple)
@@ -173,11 +286,12 @@ def generate(model, params, tokenizer, images, prompts: Sequence[Sequence[int]],
                      f"exceeds the LM's max_len={model.lm.max_len}; use fewer shots or tokens.")
   args = (lm, params["lm"], visual_tokens(model, params, images), tokens, media_idx, lengths,
           jnp.array([tokenizer.eoc_id, tokenizer.eos_id]), tokenizer.pad_id)
-  if beam_size == 1:
-    out, _ = greedy_search(*args, max_new_tokens=max_new_tokens)
-  else:
+  if beam:
     out, _ = beam_search(*args, max_new_tokens=max_new_tokens, beam_size=beam_size,
                          length_penalty=length_penalty)
+  else:
+    out, _ = greedy_search(*args, max_new_tokens=max_new_tokens, controls=controls,
+                           rng=jax.random.PRNGKey(sample_seed) if sample else None)
   stops = (tokenizer.eoc_id, tokenizer.eos_id)
   results = []
   for row in np.asarray(out).tolist():

@@ -29,8 +29,13 @@ from flamingo_jax.train import trainer
 
 
 def load(config, workdir: str):
-  """(model, params) of the newest checkpoint in workdir/checkpoints, frozen backbones included."""
-  if not (epath.Path(workdir) / "checkpoints").is_dir():  # Before the manager would create it.
+  """(model, params) of the newest checkpoint in workdir/checkpoints, frozen backbones included.
+
+  A directory without checkpoints whose config names `init_from` (a converted model directory,
+  configs/converted.py) gives those trainable parameters, as a fresh training run starts.
+  """
+  trained = (epath.Path(workdir) / "checkpoints").is_dir()  # Before the manager would create it.
+  if not trained and not config.get("init_from"):
     raise FileNotFoundError(f"No checkpoint in {workdir}/checkpoints: train first (same config).")
   kind = kinds.get(config.model_name)
   model = kind.model(config)
@@ -40,6 +45,9 @@ def load(config, workdir: str):
   trainable, frozen = jax.jit(setup.init, out_shardings=(setup.state_sh["params"],
                                                          setup.frozen_sh))(jax.random.PRNGKey(0))
   _, frozen = kind.load_backbones(config, trainable, frozen)
+  if not trained:
+    trainable = ckpt_lib.load_params(config.init_from, setup.abstract_state["params"])
+    return model, state_lib.merge(trainable, frozen)
   manager = ckpt_lib.make_manager(workdir, config)
   restored = ckpt_lib.restore_latest(manager, setup.abstract_state)
   manager.close()
