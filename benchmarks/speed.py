@@ -141,7 +141,7 @@ def build(size: Size, workdir: str):
         p.fill_(0.5)
   torch.save(theirs.state_dict(), os.path.join(workdir, "checkpoint.pt"))
   ours, params = open_flamingo.load(os.path.join(workdir, "checkpoint.pt"),
-                                    os.path.join(workdir, "lm"))
+                                    os.path.join(workdir, "lm"), resampler_heads=8, xattn_heads=8)
   images = torch.randn(size.batch * size.media, 3, size.image, size.image)
   with torch.no_grad():
     features = theirs.vision_encoder(images)[1]  # [B·N, S, C]

@@ -161,7 +161,7 @@ def test_a_bad_config_file_is_named_before_anything_is_written(tmp_path, content
 
 def test_a_converter_refuses_a_pickle_that_runs_code(tmp_path):
   torch = pytest.importorskip("torch")
-  from flamingo_jax.convert import open_flamingo  # pylint: disable=g-import-not-at-top
+  from flamingo_jax.convert import state_dict  # pylint: disable=g-import-not-at-top
   marker = tmp_path / "code_ran"
 
   class Payload:
@@ -170,7 +170,7 @@ def test_a_converter_refuses_a_pickle_that_runs_code(tmp_path):
 
   torch.save({"w": torch.zeros(2), "payload": Payload()}, tmp_path / "checkpoint.pt")
   with pytest.raises(ValueError, match=r"checkpoint.pt' cannot be read safely"):
-    open_flamingo.read_checkpoint(str(tmp_path / "checkpoint.pt"))
+    state_dict.read(str(tmp_path / "checkpoint.pt"))
   assert not marker.exists()
 
 

@@ -95,3 +95,27 @@ def test_load_errors(tmp_path):
     tokenizer_lib.load_tokenizer(str(tmp_path / "vocab.txt"))
   with pytest.raises(ValueError, match="must end with '.model'"):
     tokenizer_lib.train_sentencepiece(CORPUS, 60, str(tmp_path / "sp.bin"))
+
+
+def test_new_tokens_json_fixes_the_order_and_roles_of_a_foreign_model(tmp_path):
+  """OpenFlamingo appends <|endofchunk|>, <image>, <PAD>: ids its embedding rows were trained on."""
+  directory = _word_level(tmp_path / "hf", {"eos_token": "<|endofchunk|>x", "bos_token": None})
+  spec = {"new_tokens": ["<|endofchunk|>", "<image>", "<PAD>"], "image": "<image>",
+          "eoc": "<|endofchunk|>", "pad": "<PAD>", "bos": "<|endofchunk|>",
+          "eos": "<|endofchunk|>"}
+  (directory / tokenizer_lib.NEW_TOKENS_FILE).write_text(json.dumps(spec))
+  tok = tokenizer_lib.load_tokenizer(str(directory))
+  assert tok.new_tokens == ("<|endofchunk|>", "<image>", "<PAD>")
+  assert (tok.eoc_id, tok.image_id, tok.pad_id, tok.bos_id) == (4, 5, 6, 4)
+  assert tok.decode([5, 1, 2, 4]) == "<image>my puppy<|endofchunk|>"
+  for broken, match in (({**spec, "eoc": "<EOC>"}, "eoc='<EOC>' is not one of new_tokens"),
+                        ({k: v for k, v in spec.items() if k != "image"}, "'image' role"),
+                        ({**spec, "new_tokens": ["<image>", "<image>"]}, "distinct strings"),
+                        ({**spec, "colour": "red"}, r"unknown keys \['colour'\]")):
+    (directory / tokenizer_lib.NEW_TOKENS_FILE).write_text(json.dumps(broken))
+    with pytest.raises(ValueError, match=match):
+      tokenizer_lib.load_tokenizer(str(directory))
+  del spec["pad"], spec["bos"]
+  (directory / tokenizer_lib.NEW_TOKENS_FILE).write_text(json.dumps(spec))
+  with pytest.raises(ValueError, match=r"no \['bos', 'pad'\] token"):
+    tokenizer_lib.load_tokenizer(str(directory))

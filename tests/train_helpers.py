@@ -49,7 +49,11 @@ def metrics(workdir) -> list[dict]:
 def final_state(workdir, step: int = 6) -> dict:
   """The saved train state (trainable params, optimizer state, step, rng) at `step`, as numpy
   (whatever devices or processes wrote it)."""
-  path = pathlib.Path(workdir) / "checkpoints" / str(step) / "state"
+  return as_numpy(pathlib.Path(workdir) / "checkpoints" / str(step) / "state")
+
+
+def as_numpy(path) -> dict:
+  """The orbax checkpoint (a state or a params checkpoint) at `path`, as numpy."""
   tree = ocp.StandardCheckpointer().metadata(path).item_metadata.tree
   as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
   return ocp.PyTreeCheckpointer().restore(path, args=ocp.args.PyTreeRestore(

@@ -108,15 +108,16 @@ def training(total_steps: int) -> ml_collections.ConfigDict:
   ))
 
 
-def paper_input(image_size: int) -> ml_collections.ConfigDict:
+def paper_input(image_size: int, image_pp: str = "") -> ml_collections.ConfigDict:
   """The paper's mixture (λ: M3W 1.0, ALIGN 0.2, LTIP 0.2, VTP 0.03; M3W 256 tokens, ≤5 images;
   pairs 32 tokens; video 8 frames; App. A.3).
 
   The datasets (TFDS names, e.g. prepared from the user's own files) and the tokenizer are required
   fields ('' until set): training stops at once with an error naming each one that is missing.
-  Batch sizes are placeholders to set for the hardware.
+  Batch sizes are placeholders to set for the hardware. image_pp: the vision backbone's pixel
+  preprocessing ops (default: the paper's resize and pad to image_size, values in [-1, 1]).
   """
-  img = f"decode|resize_pad({image_size})|value_range(-1, 1)"
+  img = f"decode|{image_pp or f'resize_pad({image_size})|value_range(-1, 1)'}"
   return ml_collections.ConfigDict(dict(
       kind="tfds",
       tokenizer="",  # Required: SentencePiece model or HF tokenizer.json (data/tokenizer.py).

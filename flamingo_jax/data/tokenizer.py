@@ -4,6 +4,11 @@
 after the base vocabulary, with ids `vocab_size + k`: the frozen LM's embedding table stays as it is
 and the model keeps a separate trainable table of `num_new_tokens` rows for them. `encode` never
 produces specials: "<image>" in a text is tokenised as plain text; only `interleave` inserts them.
+
+A model trained elsewhere fixes its own new tokens: a `new_tokens.json` beside a `tokenizer.json`
+lists them in id order and names their roles, e.g. OpenFlamingo's
+`{"new_tokens": ["<|endofchunk|>", "<image>", "<PAD>"], "image": "<image>",
+"eoc": "<|endofchunk|>", "pad": "<PAD>"}` (`convert/open_flamingo.py` writes it).
 """
 import dataclasses
 import io
@@ -29,6 +34,8 @@ class Tokenizer:
   pad_id: int
   _encode: Callable[[str], list[int]]
   _decode: Callable[[list[int], bool], str]
+  image_token: str = IMAGE
+  eoc_token: str = EOC
 
   @property
   def num_new_tokens(self) -> int:
@@ -40,11 +47,11 @@ class Tokenizer:
 
   @property
   def image_id(self) -> int:
-    return self.vocab_size + self.new_tokens.index(IMAGE)
+    return self.vocab_size + self.new_tokens.index(self.image_token)
 
   @property
   def eoc_id(self) -> int:
-    return self.vocab_size + self.new_tokens.index(EOC)
+    return self.vocab_size + self.new_tokens.index(self.eoc_token)
 
   @property
   def special_ids(self) -> frozenset[int]:
@@ -115,15 +122,53 @@ def _hf_special(directory: str, tok: tokenizers.Tokenizer, key: str) -> int | No
   return tok.token_to_id(token) if token else None
 
 
+NEW_TOKENS_FILE = "new_tokens.json"
+# What a Hugging Face tokenizer is made of here; converters copy them beside the weights.
+HF_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", NEW_TOKENS_FILE)
+_ROLES = ("image", "eoc", "bos", "eos", "pad")
+
+
+def _declared(path: str, vocab_size: int, base_ids: tuple[int | None, ...], encode, decode
+              ) -> Tokenizer:
+  """The Tokenizer of a `new_tokens.json` (see the module docstring): its tokens in its order."""
+  with open(path) as f:
+    spec = json.load(f)
+  new = spec.get("new_tokens") if isinstance(spec, dict) else None
+  if not (isinstance(new, list) and new and all(isinstance(t, str) for t in new)
+          and len(set(new)) == len(new)):
+    raise ValueError(f"{path}: 'new_tokens' must be a non-empty list of distinct strings; got "
+                     f"{new!r}.")
+  unknown = sorted(set(spec) - {"new_tokens", *_ROLES})
+  if unknown:
+    raise ValueError(f"{path}: unknown keys {unknown}; expected 'new_tokens' and roles {_ROLES}.")
+  for role in _ROLES:
+    if role in spec and spec[role] not in new:
+      raise ValueError(f"{path}: {role}={spec[role]!r} is not one of new_tokens {new}.")
+  for role in ("image", "eoc"):
+    if role not in spec:
+      raise ValueError(f"{path}: the {role!r} role is required (one of new_tokens {new}).")
+  ids = [vocab_size + new.index(spec[role]) if role in spec else base
+         for role, base in zip(("bos", "eos", "pad"), base_ids)]
+  missing = [role for role, i in zip(("bos", "eos", "pad"), ids) if i is None or i < 0]
+  if missing:
+    raise ValueError(f"{path}: the base tokenizer has no {missing} token; name one of new_tokens "
+                     f"{new} for each.")
+  return Tokenizer(vocab_size, tuple(new), *ids, _encode=encode, _decode=decode,
+                   image_token=spec["image"], eoc_token=spec["eoc"])
+
+
 def _hugging_face(path: str) -> Tokenizer:
   tok = tokenizers.Tokenizer.from_file(path)
   tok.encode_special_tokens = True  # "<|endoftext|>" in a text is text, not the special.
   directory = os.path.dirname(path)
-  return _with_specials(
-      tok.get_vocab_size(with_added_tokens=True),
-      *(_hf_special(directory, tok, k) for k in ("bos_token", "eos_token", "pad_token")),
-      encode=lambda text: tok.encode(text, add_special_tokens=False).ids,
-      decode=lambda ids, skip: tok.decode(ids, skip_special_tokens=skip))
+  base_ids = tuple(_hf_special(directory, tok, k) for k in ("bos_token", "eos_token", "pad_token"))
+  encode = lambda text: tok.encode(text, add_special_tokens=False).ids
+  decode = lambda ids, skip: tok.decode(ids, skip_special_tokens=skip)
+  vocab_size = tok.get_vocab_size(with_added_tokens=True)
+  if os.path.exists(os.path.join(directory, NEW_TOKENS_FILE)):
+    return _declared(os.path.join(directory, NEW_TOKENS_FILE), vocab_size, base_ids, encode,
+                     decode)
+  return _with_specials(vocab_size, *base_ids, encode=encode, decode=decode)
 
 
 def load_tokenizer(path: str) -> Tokenizer:

@@ -1,8 +1,10 @@
 """Perceiver Resampler (Flamingo paper, Sec. 2.1 and Fig. 5).
 
 Maps a variable number of visual features per image/video [B, N, T, S, C] to R visual tokens each,
-[B, N, R, D]. A learned time embedding is added per frame (no spatial position encoding), the frames
-are flattened into one set of T·S features x_f, and R learned latents x attend to concat(x_f, x):
+[B, N, R, D]. A learned time embedding is added per frame (no spatial position encoding) and,
+optionally (max_media > 0), one per media index n (OpenFlamingo's `media_time_embs`; the paper has
+none: its images are resampled independently). The frames are flattened into one set of T·S
+features x_f, and R learned latents x attend to concat(x_f, x):
   x += attn(q=x, kv=concat(x_f, x));  x += ffw(x)
 for L layers, then a final LayerNorm. Features are linearly projected to D first when C != D.
 
@@ -77,6 +79,7 @@ class PerceiverResampler(nn.Module):
   head_dim: int = 128
   num_latents: int = 64
   max_frames: int = 8
+  max_media: int = 0  # > 0: a learned [max_media, C] embedding per media index (OpenFlamingo's).
   ffw_mult: int = 4
   activation: str = "sqrelu"
   dtype: Dtype = jnp.float32
@@ -92,6 +95,13 @@ class PerceiverResampler(nn.Module):
     time_table = self.param("time_embed", init(("frames", "vis_embed")), (self.max_frames, c),
                             self.param_dtype)
     x_f = features + time_embedding(time_table, t)[:, None].astype(features.dtype)
+    if self.max_media:
+      if n > self.max_media:  # Not interpolated: media indices are positions, not a time axis.
+        raise ValueError(f"{n} media per sample, but the resampler's media embedding has "
+                         f"max_media={self.max_media} rows.")
+      media_table = self.param("media_embed", init(("frames", "vis_embed")),
+                               (self.max_media, c), self.param_dtype)
+      x_f = x_f + media_table[:n, None, None].astype(features.dtype)
     x_f = x_f.reshape(b * n, t * s, c).astype(self.dtype)  # Frames flattened into one set.
     if c != self.dim:
       x_f = layers.dense(self.dim, ("vis_embed", "embed"), **kw, name="input_proj")(x_f)
@@ -149,12 +159,15 @@ class ConnectorConfig:
   head_dim: int = 128
   num_latents: int = 64
   max_frames: int = 8
+  max_media: int = 0
   ffw_mult: int = 4
   activation: str = "sqrelu"
 
   def __post_init__(self):
     if self.kind not in ("perceiver", "mlp"):
       raise ValueError(f"model.resampler.kind={self.kind!r}; expected 'perceiver' or 'mlp'.")
+    if self.max_media < 0:
+      raise ValueError(f"model.resampler.max_media={self.max_media}; expected >= 0 (0: none).")
 
 
 def connector_config(cfg) -> ConnectorConfig:
