@@ -200,13 +200,7 @@ class Model:
     if longest > self.module.lm.max_len:
       raise ValueError(f"score: prompt and candidate take {longest} tokens, over the LM's "
                        f"max_len={self.module.lm.max_len}.")
-    width = -(-longest // 16) * 16  # Few widths, few compiles.
-    tokens = np.full((len(conts), width), self.tokenizer.pad_id, np.int32)
-    target = np.zeros(tokens.shape, np.float32)
-    for row, cont in enumerate(conts):
-      tokens[row, :len(ids) + len(cont)] = ids + cont
-      target[row, len(ids):len(ids) + len(cont)] = 1.0
-    media_idx = np.cumsum(tokens == self.tokenizer.image_id, axis=1).astype(np.int32)
+    tokens, media_idx, target = fewshot.continuations(self.tokenizer, ids, conts)
     visual = jnp.repeat(decode.visual_tokens(self.module, self.params, media), len(conts), 0)
     scores = fewshot.sequence_logprob(lm_lib.LM(self.module.lm), self.params["lm"], visual,
                                       tokens, media_idx, target)

@@ -98,6 +98,19 @@ def sequence_logprob(lm: lm_lib.LM, params, visual, tokens, media_idx, target_ma
   return (losses.next_token_logprobs(logits, tokens) * target_mask[:, 1:]).sum(-1)
 
 
+def continuations(tokenizer, prompt: Sequence[int], conts: Sequence[Sequence[int]],
+                  pad_multiple: int = 16):
+  """(tokens, media_idx, target mask) [len(conts), W]: `prompt` + each continuation, right-padded
+  to a multiple of pad_multiple (few widths, few compiles); the mask marks the continuation."""
+  width = -(-(len(prompt) + max(map(len, conts))) // pad_multiple) * pad_multiple
+  tokens = np.full((len(conts), width), tokenizer.pad_id, np.int32)
+  target = np.zeros(tokens.shape, np.float32)
+  for row, cont in enumerate(conts):
+    tokens[row, :len(prompt) + len(cont)] = list(prompt) + list(cont)
+    target[row, len(prompt):len(prompt) + len(cont)] = 1.0
+  return tokens, np.cumsum(tokens == tokenizer.image_id, axis=1).astype(np.int32), target
+
+
 def score_choices(model, params, tokenizer, shot_texts: Sequence[str], shot_visual, query_visual,
                   choices: Sequence[str], template: str, pad_multiple: int = 16) -> np.ndarray:
   """Log-likelihood of each query's continuation template.format(choice) + <EOC>: [Q, C].
@@ -109,13 +122,7 @@ def score_choices(model, params, tokenizer, shot_texts: Sequence[str], shot_visu
     raise ValueError(f"score_choices: {len(shot_texts)} shot texts but {k} shot images.")
   prompt = build_prompt(tokenizer, shot_texts, "", shot_images=k > 0)
   conts = [tokenizer.encode(template.format(c)) + [tokenizer.eoc_id] for c in choices]
-  width = -(-(len(prompt) + max(map(len, conts))) // pad_multiple) * pad_multiple
-  tokens = np.full((q * len(choices), width), tokenizer.pad_id, np.int32)
-  target = np.zeros(tokens.shape, np.float32)
-  for row, cont in enumerate(conts * q):
-    tokens[row, :len(prompt) + len(cont)] = prompt + cont
-    target[row, len(prompt):len(prompt) + len(cont)] = 1.0
-  media_idx = np.cumsum(tokens == tokenizer.image_id, axis=1).astype(np.int32)
+  tokens, media_idx, target = continuations(tokenizer, prompt, conts * q, pad_multiple)
   shots = jnp.broadcast_to(shot_visual, (q, *shot_visual.shape))  # [Q, k, R, D]
   visual = jnp.concatenate([shots, query_visual[:, None]], 1)  # [Q, k + 1, R, D]
   visual = jnp.repeat(visual, len(choices), axis=0)  # [Q * C, k + 1, R, D]
