@@ -5,8 +5,10 @@ with safetensors' numpy API: no torch) to a temporary directory, converts it in 
 the checkpoint's dtype and with --dtype=float32, and prints each run's peak RSS (the child's own
 `ru_maxrss`, from os.wait4) as a multiple of the checkpoint's size. A Python process that imports
 jax, flax and orbax already holds a few hundred MB, so that baseline is measured alone too, and
-the last column is (peak - baseline) / checkpoint. The target (issue) is peak <= 1.3x the
-checkpoint when the dtype is kept; float32 params are twice the checkpoint by themselves.
+(peak - baseline) is shown per checkpoint byte and per byte of the converted params (the
+checkpoint's elements in the output dtype: twice the checkpoint in float32). The target (issue
+#24) is (peak - baseline) <= 1.3x the checkpoint when the dtype is kept. The load average (as
+`uptime` shows it) is printed before and after: the machine may be shared.
 
 python benchmarks/convert_memory.py             # ~1 GB
 python benchmarks/convert_memory.py --gb=0.1    # quick look
@@ -21,6 +23,7 @@ import tempfile
 
 import ml_dtypes
 import numpy as np
+import safetensors
 import safetensors.numpy
 
 _MB = 2**20
@@ -70,6 +73,17 @@ def peak_rss(args: list[str]) -> int:
   return usage.ru_maxrss * 1024
 
 
+def num_elements(file: str) -> int:
+  """Elements of all tensors in a safetensors file, from its header."""
+  with safetensors.safe_open(file, framework="numpy") as f:
+    return sum(int(np.prod(f.get_slice(k).get_shape())) for k in f.keys())
+
+
+def load() -> str:
+  """The load average, as `uptime` shows it (the machine may be shared)."""
+  return "load average " + ", ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -87,6 +101,8 @@ def main(argv=None):
     if writer.exitcode:
       raise RuntimeError(f"Writing the checkpoint failed (exit code {writer.exitcode}).")
     size = os.path.getsize(os.path.join(src, "model.safetensors"))
+    elements = num_elements(os.path.join(src, "model.safetensors"))
+    load_before = load()
     baseline = peak_rss([sys.executable, "-c", _BASELINE])
     rows = []
     for dtype in (None, "float32"):
@@ -95,16 +111,18 @@ def main(argv=None):
                       dst] + (["--dtype", dtype] if dtype else []))
       with open(os.path.join(dst, "lm_config.json")) as f:
         out_dtype = json.load(f)["param_dtype"]
-      rows.append((dtype or "(checkpoint's)", out_dtype, rss))
+      rows.append((dtype or "(checkpoint's)", out_dtype, elements * np.dtype(out_dtype).itemsize,
+                   rss))
+  print(f"{load_before} before, {load()} after.")
   print(f"LLaMA-shaped bf16 checkpoint: {c['num_hidden_layers']} layers, dim "
         f"{c['hidden_size']}, {size / _MB:.0f} MB; baseline (python + import jax, flax, orbax) "
         f"{baseline / _MB:.0f} MB peak RSS.\n")
-  print("| --dtype | output dtype | checkpoint MB | peak RSS MB | peak / ckpt "
-        "| (peak - baseline) / ckpt |")
-  print("|---|---|---|---|---|---|")
-  for flag, out_dtype, rss in rows:
-    print(f"| {flag} | {out_dtype} | {size / _MB:.0f} | {rss / _MB:.0f} | {rss / size:.2f} "
-          f"| {(rss - baseline) / size:.2f} |")
+  print("| --dtype | output dtype | checkpoint MB | params MB | peak RSS MB | peak / ckpt "
+        "| (peak - baseline) / ckpt | (peak - baseline) / params |")
+  print("|---|---|---:|---:|---:|---:|---:|---:|")
+  for flag, out_dtype, params, rss in rows:
+    print(f"| {flag} | {out_dtype} | {size / _MB:.0f} | {params / _MB:.0f} | {rss / _MB:.0f} "
+          f"| {rss / size:.2f} | {(rss - baseline) / size:.2f} | {(rss - baseline) / params:.2f} |")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
 """Checkpoints, resume and their failure modes (flamingo_jax/train/checkpoint.py, trainer.py)."""
+import os
 import random
 import shutil
 import signal
 import subprocess
+import sys
 import time
 
 import jax
@@ -36,6 +38,81 @@ def test_load_params_names_every_mismatch(tmp_path):
     assert text in str(e.value)
   with pytest.raises(FileNotFoundError, match="No parameter checkpoint at"):
     ckpt_lib.load_params(str(tmp_path / "nothing"), wanted)
+
+
+def _host_tree():
+  """Numpy leaves of several dtypes and sizes, nested, with a jax array beside them."""
+  rng = np.random.default_rng(0)
+  return {"lm": {"w": rng.standard_normal((64, 48)).astype(jnp.bfloat16),
+                 "head": rng.standard_normal((37, 11), np.float32).T,  # Not contiguous.
+                 "layers": {"k": rng.standard_normal((3, 16, 8), np.float32),
+                            "n": np.arange(5, dtype=np.int32), "s": np.array(2.5, np.float32)}},
+          "vision": {"b": jnp.linspace(0, 1, 7)}}
+
+
+def test_streamed_save_restores_bit_exact_and_empties_the_tree(tmp_path, monkeypatch):
+  monkeypatch.setattr(ckpt_lib, "_CHUNK_BYTES", 256)  # Many chunks, some of odd shapes.
+  tree, expected = _host_tree(), _host_tree()
+  ckpt_lib.save_params(str(tmp_path / "p"), tree, consume=True)
+  assert tree == {"lm": {"layers": {}}, "vision": {"b": tree["vision"]["b"]}}  # Arrays freed.
+  loaded = ckpt_lib.load_params(str(tmp_path / "p"), jax.eval_shape(lambda: expected))
+  assert _tree_equal(expected, loaded)
+  assert all(a.dtype == b.dtype for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(loaded)))
+
+
+@pytest.mark.parametrize("consume", [False, True])
+def test_an_interrupted_save_leaves_no_checkpoint(tmp_path, monkeypatch, consume):
+  """A write failing after the first array (a full disk): SaveError naming the path, nothing at
+  the path (orbax renames a temporary directory when complete), and a retry succeeds. Numpy
+  leaves only: orbax does not stop the writes of other handlers (jax arrays) when one fails."""
+  host_tree = lambda: _host_tree()["lm"]
+  write = ckpt_lib.ocp.type_handlers.NumpyHandler._background_serialize
+  writes = []
+  async def failing_write(self, values, infos, args):
+    writes.append(infos[0].name)
+    if len(writes) == 2:
+      raise OSError("No space left on device")
+    await write(self, values, infos, args)
+  monkeypatch.setattr(ckpt_lib.ocp.type_handlers.NumpyHandler, "_background_serialize",
+                      failing_write)
+  path = tmp_path / "p"
+  with pytest.raises(ckpt_lib.SaveError, match=f"{path} failed.*No space left on device"):
+    ckpt_lib.save_params(str(path), host_tree(), consume=consume)
+  assert len(writes) == 2 and not path.exists()
+  with pytest.raises(FileNotFoundError, match="No parameter checkpoint at"):
+    ckpt_lib.load_params(str(path), jax.eval_shape(host_tree))
+  monkeypatch.undo()
+  ckpt_lib.save_params(str(path), host_tree(), consume=consume)
+  assert _tree_equal(host_tree(), ckpt_lib.load_params(str(path), jax.eval_shape(host_tree)))
+
+
+_SAVE_THEN_HANG = """
+import asyncio, pathlib, sys
+import numpy as np
+from flamingo_jax.train import checkpoint as ckpt_lib
+write = ckpt_lib.ocp.type_handlers.NumpyHandler._background_serialize
+async def write_then_hang(self, values, infos, args):
+  await write(self, values, infos, args)
+  pathlib.Path(sys.argv[2]).touch()  # One array is on disk.
+  await asyncio.sleep(300)
+ckpt_lib.ocp.type_handlers.NumpyHandler._background_serialize = write_then_hang
+ckpt_lib.save_params(sys.argv[1], {"a": np.ones(3), "b": np.zeros(4)}, consume=True)
+"""
+
+
+def test_a_save_killed_midway_leaves_no_checkpoint(tmp_path):
+  path, marker = tmp_path / "p", tmp_path / "one_written"
+  proc = subprocess.Popen([sys.executable, "-c", _SAVE_THEN_HANG, str(path), str(marker)],
+                          cwd=helpers.ROOT, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  deadline = time.time() + 120
+  while not marker.exists():
+    assert proc.poll() is None and time.time() < deadline, "the save never wrote an array"
+    time.sleep(0.05)
+  proc.kill()
+  proc.wait()
+  assert not path.exists() and any(tmp_path.glob("p?*"))  # Only a temporary directory.
+  ckpt_lib.save_params(str(path), _host_tree())
+  assert _tree_equal(_host_tree(), ckpt_lib.load_params(str(path), jax.eval_shape(_host_tree)))
 
 
 def _start_and_signal(workdir, cache, sig, after_steps):

@@ -44,7 +44,7 @@ config.model.param_dtype (bfloat16 -> float32 is exact)."""
 
 def _hf(args):
   cfg, params = hf.load_hf_lm(args.src, args.num_new_tokens, args.dtype)
-  hf.save_converted(args.dst, cfg, params)
+  hf.save_converted(args.dst, cfg, params, consume=True)  # Frees each array once written.
   for name in tokenizer_lib.HF_FILES:
     if os.path.exists(os.path.join(args.src, name)):
       shutil.copy(os.path.join(args.src, name), os.path.join(args.dst, name))

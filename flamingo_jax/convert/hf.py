@@ -429,14 +429,16 @@ def _abstract_params(cfg: lm_lib.LMConfig) -> dict:
   return nn.unbox(jax.eval_shape(init, jax.random.key(0)))["params"]
 
 
-def save_converted(directory: str, cfg: lm_lib.LMConfig, params: dict):
+def save_converted(directory: str, cfg: lm_lib.LMConfig, params: dict, consume: bool = False):
   """Writes `params` (orbax, in directory/params) and the LMConfig (directory/lm_config.json):
-  what `config.lm_init` takes (train/kinds/flamingo.py)."""
+  what `config.lm_init` takes (train/kinds/flamingo.py). `consume` empties `params` as its
+  arrays are written (`checkpoint.save_params`), for a caller that is done with them."""
   directory = paths.resolve(directory)
   os.makedirs(directory, exist_ok=True)
   with open(os.path.join(directory, checkpoint_lib.LM_CONFIG), "w") as f:
     json.dump(dataclasses.asdict(cfg), f, indent=2)
-  checkpoint_lib.save_params(os.path.join(directory, checkpoint_lib.LM_PARAMS), params)
+  checkpoint_lib.save_params(os.path.join(directory, checkpoint_lib.LM_PARAMS), params,
+                            consume=consume)
 
 
 def load_converted(directory: str) -> tuple[lm_lib.LMConfig, dict]:

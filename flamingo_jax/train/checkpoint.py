@@ -10,6 +10,8 @@ A newest checkpoint that cannot be read is moved to `workdir/checkpoints_corrupt
 and the previous one is used; nothing is deleted. One whose shapes differ from the model's is an
 error naming the paths, and is left as it is.
 """
+import dataclasses
+import itertools
 import json
 from typing import Any
 
@@ -17,7 +19,9 @@ from absl import logging
 from etils import epath
 import jax
 from jax.experimental import multihost_utils
+import numpy as np
 import orbax.checkpoint as ocp
+import tensorstore as ts
 
 from flamingo_jax.models import lm as lm_lib
 
@@ -35,11 +39,83 @@ class ShapeMismatchError(ValueError):
   """A checkpoint's tree does not fit the model's (a different config): never fall back silently."""
 
 
-def save_params(path: str, tree: Any) -> None:
-  """Writes a parameter tree (e.g. a converted backbone) as an orbax checkpoint at `path`."""
-  checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(epath.Path(path), tree)
-  checkpointer.wait_until_finished()
+_CHUNK_BYTES = 16 << 20  # Of a params checkpoint's arrays: bounds what one write holds.
+
+
+class SaveError(RuntimeError):
+  """A checkpoint could not be written (disk or quota full, permissions): the run must stop."""
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Taken:
+  """A numpy leaf of `save_params(consume=True)`: popped from its dict when its write starts."""
+  parent: dict
+  key: Any
+  size: int  # Orbax refuses empty arrays by their size.
+
+  def take(self) -> np.ndarray:
+    return self.parent.pop(self.key)
+
+
+class _OneAtATimeNumpyHandler(ocp.type_handlers.NumpyHandler):
+  """Writes host arrays in place (`save_params` returns when written, so none changes meanwhile),
+  one after another and chunk by chunk: orbax's default copies every array and writes them all
+  at once, 2.8x a converted checkpoint's size in host memory (issue #24). Stored as orbax's own
+  (chunked) numpy arrays, so its default handlers read them."""
+
+  def __init__(self):
+    super().__init__(deepcopy_host_arrays=False)
+
+  async def _background_serialize(self, values, infos, args):
+    for value, info, arg in zip(values, infos, args):
+      array = value.take() if isinstance(value, _Taken) else value
+      arg = dataclasses.replace(arg, chunk_byte_size=arg.chunk_byte_size or _CHUNK_BYTES)
+      await super()._background_serialize([array], [info], [arg])
+      del array  # Freed (if taken) before the next one is taken.
+
+  async def _open_and_write(self, value, tspec, ts_context):
+    """One write per chunk: TensorStore holds a write's encoded chunks (and a contiguous copy of
+    a transposed source) until the write is committed."""
+    store = await ts.open(ts.Spec(tspec), create=True, open=True, context=ts_context)
+    chunk = store.chunk_layout.write_chunk.shape or ()  # None for a 0-d array.
+    for start in itertools.product(*(range(0, n, c) for n, c in zip(value.shape, chunk))):
+      box = tuple(slice(i, i + c) for i, c in zip(start, chunk))
+      await store[box].write(value[box], can_reference_source_data_indefinitely=True)
+
+
+def _params_checkpointer() -> ocp.Checkpointer:
+  """Orbax's standard handlers, but numpy arrays go through `_OneAtATimeNumpyHandler`."""
+  handlers = [(ty, ocp.type_handlers.get_type_handler(ty))
+              for ty in ocp.type_handlers.supported_types()]
+  one_at_a_time = _OneAtATimeNumpyHandler()
+  registry = ocp.type_handlers.create_type_handler_registry(
+      *handlers, (np.ndarray, one_at_a_time), (_Taken, one_at_a_time))
+  return ocp.Checkpointer(ocp.PyTreeCheckpointHandler(type_handler_registry=registry))
+
+
+def _taken(tree: Any) -> Any:
+  """`tree` with the numpy arrays of its dicts as `_Taken` leaves (the rest as it is)."""
+  if not isinstance(tree, dict):
+    return tree
+  return {k: _Taken(tree, k, v.size) if isinstance(v, np.ndarray) else _taken(v)
+          for k, v in tree.items()}
+
+
+def save_params(path: str, tree: Any, consume: bool = False) -> None:
+  """Writes a parameter tree (e.g. a converted backbone) as an orbax checkpoint at `path`.
+
+  Orbax writes it under a temporary name and renames it when complete, so a failed or killed
+  save leaves nothing at `path`. Numpy arrays are written one at a time, in place; `consume` also
+  removes each from `tree` once written (its dicts end empty), so host memory falls during the
+  save instead of holding the whole tree to the end (converters, issue #24).
+  """
+  try:
+    _params_checkpointer().save(epath.Path(path), args=ocp.args.PyTreeSave(
+        _taken(tree) if consume else tree))
+  except Exception as e:  # pylint: disable=broad-except  (whatever storage raised)
+    raise SaveError(f"Writing the parameter checkpoint {path} failed ({type(e).__name__}: "
+                    f"{str(e)[:1000]}); {path} is as it was before: a partial write stays under a "
+                    "temporary name beside it, which the next save there replaces.") from e
 
 
 def _leaves_by_path(tree: Any) -> dict[str, Any]:
@@ -120,10 +196,6 @@ def make_manager(workdir: str, config) -> ocp.CheckpointManager:
       cleanup_tmp_directories=True)
   return ocp.CheckpointManager(epath.Path(workdir) / "checkpoints", options=options,
                                item_names=("state", "data"))
-
-
-class SaveError(RuntimeError):
-  """A checkpoint could not be written (disk or quota full, permissions): the run must stop."""
 
 
 def _save_error(manager: ocp.CheckpointManager, error: Exception) -> SaveError:
