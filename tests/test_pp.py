@@ -5,8 +5,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from flamingo_jax.configs import common
+from flamingo_jax.configs import flamingo_3b
 from flamingo_jax.data import pp
 from flamingo_jax.data import tokenizer as tokenizer_lib
+from flamingo_jax.models import nfnet
+from flamingo_jax.models import vit
 
 CAPTIONS = ["a red circle", "a blue square above a tree", "two green triangles"]
 
@@ -167,3 +171,62 @@ def test_resize_crop_and_normalize_errors():
     pp.build("resize_crop(8, method='lanczos')")
   with pytest.raises(ValueError, match="must be 3 numbers each, std > 0"):
     pp.build("normalize((0.5, 0.5), (1, 1, 1))")
+
+
+def test_sample_frames_random_clip_starts_vary_at_one_fps():
+  """The paper's video: 8 frames at 1 FPS from a random clip start (training)."""
+  video = np.arange(100, dtype=np.uint8)[:, None, None, None] * np.ones([100, 2, 2, 3], np.uint8)
+  fn = pp.build("sample_frames(8, fps=1.0, random_start=True)")
+  firsts = []
+  for seed in range(40):
+    frames = fn({"video": video, "fps": 5.0, "_rng": _rng(seed)})["video"][:, 0, 0, 0]
+    np.testing.assert_array_equal(np.diff(frames), [5] * 7)  # 1 s apart at 5 FPS.
+    firsts.append(int(frames[0]))
+  assert len(set(firsts)) > 20 and 0 <= min(firsts) and max(firsts) <= 100 - 36
+  again = fn({"video": video, "fps": 5.0, "_rng": _rng(3)})["video"]
+  np.testing.assert_array_equal(again[:, 0, 0, 0], [firsts[3] + 5 * i for i in range(8)])
+  with pytest.raises(ValueError, match="'sample_frames' is random"):
+    fn({"video": video, "fps": 5.0})
+
+
+def test_prepend_space_half_the_time_from_the_example_rng():
+  fn = pp.build("prepend_space(0.5)")
+  outs = [fn({"caption": b"a red circle", "_rng": _rng(s)})["caption"] for s in range(1000)]
+  assert set(outs) == {"a red circle", " a red circle"}
+  assert 0.45 < np.mean([o.startswith(" ") for o in outs]) < 0.55
+  assert fn({"caption": "x", "_rng": _rng(5)}) == fn({"caption": "x", "_rng": _rng(5)})
+  with pytest.raises(ValueError, match="'prepend_space' is random"):
+    fn({"caption": "x"})
+  with pytest.raises(ValueError, match="prepend_space: p=2; expected a probability"):
+    pp.build("prepend_space(2)")
+  with pytest.raises(ValueError, match="prepend_space: key='captions/text'; expected a top-level"):
+    pp.build("prepend_space(key='captions/text')")
+
+
+def test_tokenize_document_windows_and_p_next_draw_from_the_example_rng(tok):
+  images = np.zeros([6, 8, 8, 3], np.uint8)
+  texts = [b""] + [" ".join(CAPTIONS)] * 6
+  fn = pp.build("tokenize_document(max_len=24, max_media=5, p_next=0.5, random_window=True)", tok)
+  outs = [fn({"images": images, "texts": texts, "_rng": _rng(s)}) for s in range(40)]
+  assert len({o["tokens"].tobytes() for o in outs}) > 5  # The window starts vary...
+  assert len({o["media_idx"][0] for o in outs}) == 2  # ... <BOS> sees image 1 with p_next.
+  again = fn({"images": images, "texts": texts, "_rng": _rng(0)})
+  for field, value in outs[0].items():
+    np.testing.assert_array_equal(value, again[field])
+  with pytest.raises(ValueError, match="'tokenize_document' is random"):
+    fn({"images": images, "texts": texts})
+
+
+def test_paper_input_normalises_pixels_as_the_vision_backbone_was_trained():
+  image = np.random.default_rng(0).integers(0, 256, [16, 16, 3], np.uint8)
+  for spec in flamingo_3b.get_config().input.datasets.values():
+    assert f"normalize({nfnet.IMAGENET_MEAN}, {nfnet.IMAGENET_STD})" in spec.pp
+  vision = {"variant": "F0", "mean": [0.5] * 3, "std": [0.5] * 3}  # Trained on [-1, 1] pixels.
+  as_trained = pp.build(common.vision_pp(vision, 16))({"image": image})["image"]
+  np.testing.assert_allclose(as_trained, pp.build("value_range(-1, 1)")({"image": image})["image"],
+                             atol=1e-6)
+  clip = pp.build(common.vision_pp({"kind": "open_clip_vit", "name": "ViT-L-14"}, 16))
+  np.testing.assert_allclose(clip({"image": image})["image"],
+                             (image / 255 - vit.OPENAI_MEAN) / vit.OPENAI_STD, atol=1e-5)
+  spec = common.paper_input(16).datasets.m3w.pp.removeprefix("decode|")
+  assert pp.output_shapes(spec)["images"] == ((5, 1, 16, 16, 3), np.dtype(np.float32))

@@ -10,28 +10,29 @@ import pytest
 
 import flamingo_jax
 from flamingo_jax import predict
+from flamingo_jax.configs import tiny
 from flamingo_jax.data import pp
 from flamingo_jax.data import tokenizer as tokenizer_lib
 from flamingo_jax.eval import decode
 from flamingo_jax.eval import fewshot
 from flamingo_jax.train import checkpoint as ckpt_lib
 from flamingo_jax.train import state as state_lib
+from flamingo_jax.train import trainer
 import train_helpers as helpers
 
-# The tiny config with a tokenizer of its vocabulary (64 + <image>, <EOC>), two steps.
-TRAIN = """
-import sys
-from flamingo_jax.configs import tiny
-from flamingo_jax.train import trainer
-config = tiny.get_config()
-config.update(dict(total_steps=2, ckpt_every=2, log_every=1))
-config.lr_schedule.warmup_steps = 1
-config.input.tokenizer = sys.argv[2]
-trainer.train(config, sys.argv[1])
-"""
 WORDS = ("cat", "dog", "red", "blue", "a", "the", "on", "mat", "square", "circle", "green")
 PROMPT = "<image>Output:"
 STEPS = 6  # max_new_tokens throughout: one compile per batch shape and method.
+
+
+def _train(workdir: str, tokenizer: str) -> None:
+  """The tiny config with a tokenizer of its vocabulary (64 + <image>, <EOC>), two steps (in this
+  process: a subprocess would import JAX again for the same compile)."""
+  config = tiny.get_config()
+  config.update(dict(total_steps=2, ckpt_every=2, log_every=1))
+  config.lr_schedule.warmup_steps = 1
+  config.input.tokenizer = tokenizer
+  trainer.train(config, workdir)
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +44,7 @@ def trained(tmp_path_factory):
   texts = [" ".join(rng.choice(WORDS, 8)) + "." for _ in range(300)]
   tokenizer_lib.train_sentencepiece(texts + fewshot.template_corpus(), 64,
                                     str(base / "tok.model"))
-  subprocess.run([sys.executable, "-c", TRAIN, str(base / "wd"), str(base / "tok.model")],
-                 env=helpers.env(cache), check=True, capture_output=True, timeout=600)
+  _train(str(base / "wd"), str(base / "tok.model"))
   files = {"a.png": (40, 30), "b.jpg": (20, 50), "c.png": (32, 32)}
   for name, shape in files.items():
     Image.fromarray(rng.integers(0, 256, (*shape, 3), np.uint8)).save(base / name)
@@ -138,7 +138,7 @@ def test_score_equals_fewshot_score_choices(trained, model):
   image = trained[2]["a.png"]
   choices = ["Output: a cat", "Output: the dog on the mat", "red"]
   scores = model.score([image], "<image>", choices)
-  pixels = pp.build(predict.image_pp(model.config))({"image": image})["image"]
+  pixels = pp.build(pp.image_spec(model.config))({"image": image})["image"]
   visual = decode.visual_tokens(model.module, model.params, pixels[None, None, None])[0]
   want = fewshot.score_choices(model.module, model.params, model.tokenizer, [], visual[:0],
                                visual, choices, "{}")[0]
@@ -236,12 +236,12 @@ def test_examples_file_lines_are_checked(tmp_path):
 
 def test_image_pp_takes_the_configs_own_ops(trained):
   config = predict.read_config(str(trained[0]))
-  assert predict.image_pp(config) == "decode|resize_pad(32)|value_range(-1, 1)"  # Synthetic.
+  assert pp.image_spec(config) == "decode|resize_pad(32)|value_range(-1, 1)"  # Synthetic.
   with config.unlocked():
     config.input.datasets.pairs.pp = ("decode|flip|resize_pad(48, method='bicubic')|"
                                       "value_range(0, 1)|tokenize_pair(max_len=32)")
-  assert predict.image_pp(config) == ("decode|resize_pad(48, method='bicubic')|"
-                                      "value_range(0, 1)")
+  assert pp.image_spec(config) == ("decode|resize_pad(48, method='bicubic')|"
+                                   "value_range(0, 1)")
   with config.unlocked():  # A converted ViT's: crop and normalise (configs/converted.py).
     config.eval = {"pp": "decode|resize_crop(224)|normalize((0.5, 0.5, 0.5), (0.2, 0.2, 0.2))"}
-  assert predict.image_pp(config) == config.eval.pp
+  assert pp.image_spec(config) == config.eval.pp

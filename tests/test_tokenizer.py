@@ -4,7 +4,7 @@ import json
 import pytest
 import sentencepiece as spm
 import tokenizers
-from tokenizers import models, pre_tokenizers
+from tokenizers import models, pre_tokenizers, processors
 
 from flamingo_jax.data import tokenizer as tokenizer_lib
 
@@ -119,3 +119,32 @@ def test_new_tokens_json_fixes_the_order_and_roles_of_a_foreign_model(tmp_path):
   (directory / tokenizer_lib.NEW_TOKENS_FILE).write_text(json.dumps(spec))
   with pytest.raises(ValueError, match=r"no \['bos', 'pad'\] token"):
     tokenizer_lib.load_tokenizer(str(directory))
+
+
+@pytest.mark.parametrize("bos, template, config_adds, expected", [
+    ("<|endoftext|>", False, None, False),  # GPT-NeoX (OpenFlamingo-MPT): BOS named, never added.
+    ("<|endoftext|>", True, None, True),  # LLaMA: the post-processor puts BOS first.
+    ("<|endoftext|>", True, False, False),  # The config's add_bos_token decides when it says.
+    ("<|endoftext|>", False, True, True),
+    (None, False, None, True),  # No BOS at all: the added <BOS> (a trained new-token row).
+])
+def test_sequences_start_with_bos_as_the_model_was_trained(tmp_path, bos, template, config_adds,
+                                                           expected):
+  config = {k: v for k, v in (("bos_token", bos), ("add_bos_token", config_adds)) if v is not None}
+  directory = _word_level(tmp_path / "hf", config)
+  if template:
+    tok = tokenizers.Tokenizer.from_file(str(directory / "tokenizer.json"))
+    tok.post_processor = processors.TemplateProcessing(
+        single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", 3)])
+    tok.save(str(directory / "tokenizer.json"))
+  tok = tokenizer_lib.load_tokenizer(str(directory))
+  assert tok.add_bos is expected and tok.prefix == ([tok.bos_id] if expected else [])
+  if config_adds is None and bos:  # What transformers feeds the model for the same files.
+    from transformers import PreTrainedTokenizerFast  # pylint: disable=g-import-not-at-top
+    hf = PreTrainedTokenizerFast(tokenizer_file=str(directory / "tokenizer.json"), bos_token=bos)
+    assert hf("my puppy").input_ids == tok.prefix + tok.encode("my puppy")
+
+
+def test_sentencepiece_sequences_start_with_bos(tmp_path):
+  tok = tokenizer_lib.train_sentencepiece(CORPUS, 60, str(tmp_path / "sp.model"))
+  assert tok.prefix == [tok.bos_id] == [1]

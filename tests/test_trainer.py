@@ -1,4 +1,5 @@
 """The update step and the training loop (flamingo_jax/train/trainer.py)."""
+import functools
 import re
 
 import jax
@@ -7,10 +8,12 @@ import numpy as np
 import optax
 import pytest
 
+from flamingo_jax.configs import demo
 from flamingo_jax.configs import flamingo_3b
 from flamingo_jax.configs import tiny
 from flamingo_jax.models import losses
 from flamingo_jax.train import trainer
+from flamingo_jax.train.kinds import flamingo as flamingo_kind
 import train_helpers as helpers
 
 
@@ -135,3 +138,65 @@ def test_round_robin_updates_with_one_dataset_per_step_in_turn(tmp_path, tmp_pat
   weights = tiny.get_config().input.datasets
   for m, name in zip(rows, used):  # The step's loss (and gradient) is that dataset's alone.
     np.testing.assert_allclose(m["loss"], weights[name].weight * m[f"loss/{name}"], rtol=1e-6)
+
+
+def test_sequence_loss_is_eq2_differs_from_the_token_mean_and_microbatches_match():
+  """Eq. (2): per dataset, the batch mean of each sequence's summed NLL. Between long documents
+  and short captions it shifts the mixture towards the documents (by their ratio of target
+  tokens) where the token mean does not; microbatching is exact for both."""
+  vocab, dim = 11, 4
+  k1, k2 = jax.random.split(jax.random.PRNGKey(0))
+  frozen = {"embed": jax.random.normal(k1, (vocab, dim))}
+  params = {"head": jax.random.normal(k2, (dim, vocab))}
+  apply_fn = lambda p, b: jnp.take(p["embed"], b["tokens"], axis=0) @ p["head"]
+  tx = optax.adam(0.1)
+  state = {"step": jnp.zeros((), jnp.int32), "rng": jax.random.PRNGKey(1), "params": params,
+           "opt_state": tx.init(params)}
+  rng = np.random.default_rng(0)
+
+  def make(length, targets):  # 4 sequences of `targets` targets each; the last has none.
+    mask = np.zeros((4, length), np.float32)
+    mask[:3, 1:1 + targets] = 1
+    return {"tokens": rng.integers(0, vocab, (4, length)).astype(np.int32), "loss_mask": mask}
+  batches = {"docs": make(32, 30), "captions": make(6, 4)}
+
+  measured = {}
+  for normalization in ("token", "sequence"):
+    loss_fn = functools.partial(flamingo_kind.loss, normalization=normalization)
+    for k in (1, 2):
+      step = trainer.make_update_step(apply_fn, tx, {"docs": 1.0, "captions": 0.2}, k, loss_fn)
+      measured[normalization, k] = step(state, frozen, batches)
+  for name, batch in batches.items():
+    nll = -losses.next_token_logprobs(apply_fn({**params, **frozen}, batch), batch["tokens"])
+    sums = np.sum(nll * batch["loss_mask"][:, 1:], axis=1)
+    np.testing.assert_allclose(measured["sequence", 1][1][f"loss/{name}"], sums[:3].mean(),
+                               rtol=1e-5)
+    np.testing.assert_allclose(measured["token", 1][1][f"loss/{name}"],
+                               sums.sum() / batch["loss_mask"].sum(), rtol=1e-5)
+  ratio = lambda m: m["loss/docs"] / m["loss/captions"]
+  np.testing.assert_allclose(ratio(measured["sequence", 1][1]),
+                             30 / 4 * ratio(measured["token", 1][1]), rtol=1e-5)
+  assert not np.allclose(measured["sequence", 1][0]["params"]["head"],
+                         measured["token", 1][0]["params"]["head"], rtol=1e-3)
+  for normalization in ("token", "sequence"):
+    (new1, m1), (new2, m2) = measured[normalization, 1], measured[normalization, 2]
+    np.testing.assert_allclose(m1["loss"], m2["loss"], rtol=1e-5)
+    np.testing.assert_allclose(m1["grad_norm"], m2["grad_norm"], rtol=1e-5)
+    np.testing.assert_allclose(new1["params"]["head"], new2["params"]["head"], rtol=1e-5,
+                               atol=1e-6)
+  with pytest.raises(ValueError, match=r"loss_normalization='mean'; expected one of"):
+    flamingo_kind.loss(jnp.zeros((1, 3, vocab)), batches["captions"], normalization="mean")
+
+
+def test_paper_configs_default_to_eq2_and_the_others_to_the_token_mean():
+  assert flamingo_3b.get_config().input.loss_normalization == "sequence"
+  for config in (tiny.get_config(), demo.get_config()):  # Their results stay as they were.
+    assert "loss_normalization" not in config.input
+
+
+def test_loss_normalization_reaches_the_update_step(tmp_path):
+  config = tiny.get_config()
+  config.input.loss_normalization = "mean"
+  with pytest.raises(ValueError, match=r"config.input.loss_normalization='mean'; expected one of"):
+    trainer.train(config, str(tmp_path))
+  assert not (tmp_path / "checkpoints").exists()  # Named before anything is initialised.

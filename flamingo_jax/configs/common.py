@@ -1,6 +1,8 @@
 """Pieces shared by the paper's configs (Flamingo paper, Table 1 and Appendix B)."""
 import ml_collections
 
+from flamingo_jax.models import flamingo
+
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
   """A config's argument (`--config=file.py:ARG`), big_vision style: 'name=value,flag,...' over
@@ -108,28 +110,67 @@ def training(total_steps: int) -> ml_collections.ConfigDict:
   ))
 
 
-def paper_input(image_size: int, image_pp: str = "") -> ml_collections.ConfigDict:
-  """The paper's mixture (λ: M3W 1.0, ALIGN 0.2, LTIP 0.2, VTP 0.03; M3W 256 tokens, ≤5 images;
-  pairs 32 tokens; video 8 frames; App. A.3).
+def vision_pp(vision, image_size: int) -> str:
+  """Pixel pp ops for the vision backbone `vision` (a config.model.vision): the paper's resize and
+  pad to image_size, then the mean/std its weights were trained with (each backbone its own)."""
+  cfg = flamingo.vision_config(vision)
+  return (f"resize_pad({image_size})|"
+          f"normalize({tuple(map(float, cfg.mean))}, {tuple(map(float, cfg.std))})")
+
+
+def paper_input(image_size: int, image_pp: str = "", vision=None) -> ml_collections.ConfigDict:
+  """The paper's mixture and its processing (§2.4, App. A.3): λ M3W 1.0, ALIGN 0.2, LTIP 0.2,
+  VTP 0.03; M3W a random 256-token window, its first 5 images, p_next = ½; pairs 32 (ALIGN) / 64
+  (LTIP) tokens, a space prepended to the caption with p = ½; video 8 frames at 1 FPS from a
+  random start; the loss of Eq. (2) (`loss_normalization`).
 
   The datasets (TFDS names, e.g. prepared from the user's own files) and the tokenizer are required
   fields ('' until set): training stops at once with an error naming each one that is missing.
-  Batch sizes are placeholders to set for the hardware. image_pp: the vision backbone's pixel
-  preprocessing ops (default: the paper's resize and pad to image_size, values in [-1, 1]).
+  Batch sizes are placeholders to set for the hardware. image_pp: the pixel preprocessing ops
+  (default: `vision_pp` of `vision`, a config.model.vision, by default the paper's NFNet).
   """
-  img = f"decode|{image_pp or f'resize_pad({image_size})|value_range(-1, 1)'}"
+  img = f"decode|{image_pp or vision_pp(vision or dict(variant='F6'), image_size)}"
+  pair = f"{img}|prepend_space(0.5)|tokenize_pair"
   return ml_collections.ConfigDict(dict(
       kind="tfds",
       tokenizer="",  # Required: SentencePiece model or HF tokenizer.json (data/tokenizer.py).
       num_workers=8,
+      # Each dataset's loss (train/kinds/flamingo.py:loss): 'sequence', Eq. (2)'s mean over the
+      # batch of each sequence's summed NLL; 'token' (without this field), the mean per token.
+      loss_normalization="sequence",
       datasets=dict(  # tfds_name is required for each; data_dir: where it is prepared.
           m3w=dict(tfds_name="", data_dir="", split="train", batch_size=256, weight=1.0,
-                   pp=f"{img}|tokenize_document(max_len=256, max_media=5)"),
+                   pp=f"{img}|tokenize_document(max_len=256, max_media=5, p_next=0.5, "
+                      "random_window=True)"),
           align=dict(tfds_name="", data_dir="", split="train", batch_size=512, weight=0.2,
-                     pp=f"{img}|tokenize_pair(max_len=32)"),
+                     pp=f"{pair}(max_len=32)"),
           ltip=dict(tfds_name="", data_dir="", split="train", batch_size=512, weight=0.2,
-                    pp=f"{img}|tokenize_pair(max_len=64)"),
+                    pp=f"{pair}(max_len=64)"),
           vtp=dict(tfds_name="", data_dir="", split="train", batch_size=64, weight=0.03,
-                   pp=f"sample_frames(8)|{img}|tokenize_video(max_len=32)"),
+                   pp=f"sample_frames(8, fps=1.0, random_start=True)|{img}|"
+                      "tokenize_video(max_len=32)"),
       ),
   ))
+
+
+# The paper's benchmarks (Table 1) that eval/benchmarks.py reads: (name, in its DEV set (§3)).
+PAPER_BENCHMARKS = (("coco", True), ("vqav2", True), ("okvqa", True), ("msrvtt_qa", False),
+                    ("flickr30k", False), ("textvqa", False), ("vizwiz", False),
+                    ("hateful_memes", False))
+
+
+def paper_evals(every_steps: int = 10_000, dev_queries: int = 500) -> ml_collections.ConfigDict:
+  """config.evals with the paper's benchmarks (eval/protocol.py: its prompts, beam 3, 0-32 shots).
+
+  Each `data_dir` is required (the benchmark's files as published; eval/benchmarks.py): a run that
+  is due without it stops before anything is computed, naming the field. The DEV benchmarks (§3:
+  COCO, VQAv2, OK-VQA) also run during training, every `every_steps` on their first
+  `dev_queries` queries and 4 shots; `--mode=eval` runs them all (--num_queries=0 --shots=...
+  for the full protocol).
+  """
+  evals = {}
+  for name, dev in PAPER_BENCHMARKS:
+    evals[name] = dict(type=name, data_dir="", every_steps=every_steps if dev else 0)
+    if dev:
+      evals[name].update(num_queries=dev_queries, shots=(4,))
+  return ml_collections.ConfigDict(evals)

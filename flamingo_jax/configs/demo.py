@@ -93,9 +93,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                    pp=f"sample_frames(8)|{IMG_PP}|tokenize_video(max_len=32)"),
       ),
   ))
-  config.eval = ml_collections.ConfigDict(dict(
-      tasks=("names", "vqa", "captioning"), shots=(0, 4, 8),
-      num_episodes=16 if short else 50,  # names: TEST episodes (8 queries each).
-      num_queries=8 if short else 48,  # vqa, captioning: TEST queries.
-      beam_size=1 if short else 3, max_new_tokens=16))
+  shots, beam_size = (0, 4, 8), 1 if short else 3
+  config.evals = ml_collections.ConfigDict(dict(  # The demo's tasks (flamingo_jax/demo/tasks.py).
+      names=dict(type="shapes_names", shots=shots,
+                 num_episodes=16 if short else 50),  # TEST episodes (8 queries each).
+      vqa=dict(type="shapes_vqa", shots=shots, num_queries=8 if short else 48,  # TEST queries.
+               beam_size=beam_size, max_new_tokens=16),
+      captioning=dict(type="shapes_captioning", shots=shots, num_queries=8 if short else 48,
+                      beam_size=beam_size, max_new_tokens=16),
+  ))
   return config

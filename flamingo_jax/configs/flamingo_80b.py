@@ -3,11 +3,15 @@
 Parameter counts:
 python -m flamingo_jax.models.param_count --config=flamingo_jax/configs/flamingo_80b.py
 
-Training (name the prepared datasets and the tokenizer; set the batch sizes for the hardware):
+Training (name the prepared datasets, the tokenizer and the DEV benchmarks' folders; set the batch
+sizes for the hardware):
 python launch.py --config=flamingo_jax/configs/flamingo_80b.py --workdir=gs://BUCKET/flamingo_80b \
   --config.input.tokenizer=TOKENIZER --config.vision_init=NFNET_CKPT --config.lm_init=LM_CKPT \
   --config.input.datasets.m3w.tfds_name=M3W --config.input.datasets.align.tfds_name=ALIGN \
-  --config.input.datasets.ltip.tfds_name=LTIP --config.input.datasets.vtp.tfds_name=VTP
+  --config.input.datasets.ltip.tfds_name=LTIP --config.input.datasets.vtp.tfds_name=VTP \
+  --config.evals.coco.data_dir=COCO --config.evals.vqav2.data_dir=VQAV2 \
+  --config.evals.okvqa.data_dir=OKVQA
+(the DEV benchmarks run every 10k steps; `--config.evals.coco.every_steps=0` turns one off.)
 
 Per-chip memory on the paper's 1,536 TPUv4 chips (16-way model parallelism, so 96 data-parallel
 groups: the batch sizes become multiples of 96; benchmarks/AOT.md):
@@ -31,4 +35,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.image_size = 320
   config.frozen_dtype = "bfloat16"  # The frozen 70B LM as stored: 140 GB, not 280 GB.
   config.input = common.paper_input(config.image_size)
+  config.evals = common.paper_evals()
   return config

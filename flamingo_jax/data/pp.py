@@ -7,7 +7,8 @@ Ops are plain numpy/PIL functions over one example dict, run in Python by `mixtu
 pipeline deterministic and resumable with no machinery: an example's output depends only on the
 record and the generator that `mixture` puts in `example['_rng']` (seeded by the example's position
 in the stream), so any batch can be recomputed from the step number alone. Random ops (flip,
-color_jitter, choose, random frame offsets) draw from that generator; use them in training pp only.
+color_jitter, choose, prepend_space, sample_frames' random start, tokenize_document's window and
+p_next) draw from that generator; use them in training pp only.
 
 Image ops act on every media field present: 'image' [H, W, 3], 'images' [N, H, W, 3] (or a list of
 differently sized frames before `resize_pad`) and 'video' [T, H, W, 3]. Tokenising ops end the
@@ -269,6 +270,25 @@ def choose(key: str = "captions/text", to: str = "caption"):
   return op
 
 
+@register
+def prepend_space(p: float = 0.5, key: str = "caption"):
+  """Prepends one space to the text in `key` with probability p: the paper's augmentation of the
+  pairs' captions (a substantial gain there). It changes the ids only with a tokenizer that keeps a
+  leading space (byte-level BPE; a SentencePiece model that removes extra whitespace drops it)."""
+  if not 0.0 <= p <= 1.0:
+    raise ValueError(f"prepend_space: p={p}; expected a probability in [0, 1].")
+  if "/" in key:
+    raise ValueError(f"prepend_space: key={key!r}; expected a top-level field (choose(...) "
+                     "copies a nested caption to one).")
+
+  def op(example):
+    text = _text(get_field(example, key), key)
+    if example_rng(example, "prepend_space").random() < p:
+      text = " " + text
+    return {**example, key: text}
+  return op
+
+
 def _media(value: Any, key: str, rank: int) -> np.ndarray:
   """A media field as an array of `rank` (3: image, 4: images or video), or a clear error."""
   if isinstance(value, (list, tuple)) and len({np.shape(v) for v in value}) > 1:
@@ -302,15 +322,42 @@ def tokenize_video(tokenizer: tokenizer_lib.Tokenizer, max_len: int = 32, key: s
 
 @register
 def tokenize_document(tokenizer: tokenizer_lib.Tokenizer, max_len: int = 256, max_media: int = 5,
-                      p_next: float = 0.0):
-  """An interleaved document ('images' [N, H, W, 3], 'texts' N + 1 strings) -> batch fields."""
+                      p_next: float = 0.0, random_window: bool = False):
+  """An interleaved document ('images' [N, H, W, 3], 'texts' N + 1 strings) -> batch fields.
+
+  M3W training (paper App. A.3) sets random_window (a random max_len-token window of a longer
+  document, else its first tokens) and p_next (per document, the probability that tokens attend
+  to the image after their chunk); both draw from the example's rng (`interleave`).
+  """
   def op(example):
     images = _media(get_field(example, "images"), "images", rank=4)
     texts = [_text(t, "texts") for t in get_field(example, "texts")]
+    random = p_next > 0 or random_window
     return interleave.build_sequence(
         texts, images[:, None], tokenizer, max_len=max_len, max_media=max_media, p_next=p_next,
-        rng=example.get("_rng"))
+        random_window=random_window,
+        rng=example_rng(example, "tokenize_document") if random else None)
   return op
+
+
+# Inference.
+
+# The deterministic image ops of a pp spec: a resize, then the pixel values' mapping.
+_RESIZE_OPS = ("resize_pad", "resize_crop")
+_IMAGE_OPS = _RESIZE_OPS + ("value_range", "normalize")
+
+
+def image_spec(config) -> str:
+  """A run's image preprocessing for inference (predict, eval): decode, then the resize and
+  pixel-value ops of its eval or input pp (the first spec that resizes), else the paper's at
+  config.image_size. Training's random ops (flip, jitter) are left out."""
+  specs = [config.get("eval", {}).get("pp", "")]
+  specs += [d.get("pp", "") for d in config.get("input", {}).get("datasets", {}).values()]
+  for spec in specs:
+    ops = [op.strip() for op in spec.split("|") if op.split("(")[0].strip() in _IMAGE_OPS]
+    if any(op.split("(")[0] in _RESIZE_OPS for op in ops):
+      return "|".join(["decode", *ops])
+  return f"decode|resize_pad({config.image_size})|value_range(-1, 1)"
 
 
 # Parsing.
@@ -357,7 +404,7 @@ def output_shapes(spec: str) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
   size, length = args["resize_pad"]["size"], args[tokenize[0]]["max_len"]
   media = args.get("tokenize_document", {}).get("max_media", 1)
   frames = args.get("sample_frames", {}).get("num_frames", 1)
-  image_dtype = np.float32 if "value_range" in args else np.uint8
+  image_dtype = np.float32 if {"value_range", "normalize"} & set(args) else np.uint8
   return {"images": ((media, frames, size, size, 3), np.dtype(image_dtype)),
           "tokens": ((length,), np.dtype(np.int32)), "media_idx": ((length,), np.dtype(np.int32)),
           "loss_mask": ((length,), np.dtype(np.float32)), "media_mask": ((media,), np.dtype(bool))}

@@ -5,6 +5,11 @@ after the base vocabulary, with ids `vocab_size + k`: the frozen LM's embedding 
 and the model keeps a separate trainable table of `num_new_tokens` rows for them. `encode` never
 produces specials: "<image>" in a text is tokenised as plain text; only `interleave` inserts them.
 
+Sequences start with BOS (`prefix`) unless a Hugging Face tokenizer names a BOS that its model's
+sequences do not start with (its `add_bos_token`, else what its post-processor adds), e.g.
+OpenFlamingo-MPT's GPT-NeoX tokenizer: the frozen LM never saw it there. A base without any BOS
+gets the added <BOS>, a new-token row that Flamingo training learns.
+
 A model trained elsewhere fixes its own new tokens: a `new_tokens.json` beside a `tokenizer.json`
 lists them in id order and names their roles, e.g. OpenFlamingo's
 `{"new_tokens": ["<|endofchunk|>", "<image>", "<PAD>"], "image": "<image>",
@@ -36,6 +41,12 @@ class Tokenizer:
   _decode: Callable[[list[int], bool], str]
   image_token: str = IMAGE
   eoc_token: str = EOC
+  add_bos: bool = True
+
+  @property
+  def prefix(self) -> list[int]:
+    """What every sequence starts with: [BOS], or nothing for a model trained without it."""
+    return [self.bos_id] if self.add_bos else []
 
   @property
   def num_new_tokens(self) -> int:
@@ -110,16 +121,31 @@ def _sentencepiece(path: str) -> Tokenizer:
       encode=sp.encode, decode=lambda ids, skip: sp.decode(ids))
 
 
-def _hf_special(directory: str, tok: tokenizers.Tokenizer, key: str) -> int | None:
-  """The id of `key` ('bos_token', ...) named by a `tokenizer_config.json` beside the tokenizer."""
-  config = os.path.join(directory, "tokenizer_config.json")
-  if not os.path.exists(config):
-    return None
-  with open(config) as f:
-    token = json.load(f).get(key)
+def _hf_config(directory: str) -> dict:
+  """The `tokenizer_config.json` beside a tokenizer.json, or {}."""
+  path = os.path.join(directory, "tokenizer_config.json")
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    return json.load(f)
+
+
+def _hf_special(config: dict, tok: tokenizers.Tokenizer, key: str) -> int | None:
+  """The id of `key` ('bos_token', ...) named by the tokenizer_config.json."""
+  token = config.get(key)
   if isinstance(token, dict):
     token = token.get("content")
   return tok.token_to_id(token) if token else None
+
+
+def _hf_adds_bos(config: dict, tok: tokenizers.Tokenizer, bos_id: int | None) -> bool:
+  """Whether the model's sequences start with its BOS, as transformers encodes: the config's
+  `add_bos_token` when it says, else whether the post-processor puts BOS first."""
+  if bos_id is None:
+    return False
+  if isinstance(config.get("add_bos_token"), bool):
+    return config["add_bos_token"]
+  return tok.encode("a", add_special_tokens=True).ids[:1] == [bos_id]
 
 
 NEW_TOKENS_FILE = "new_tokens.json"
@@ -128,8 +154,8 @@ HF_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"
 _ROLES = ("image", "eoc", "bos", "eos", "pad")
 
 
-def _declared(path: str, vocab_size: int, base_ids: tuple[int | None, ...], encode, decode
-              ) -> Tokenizer:
+def _declared(path: str, vocab_size: int, base_ids: tuple[int | None, ...], encode, decode,
+              add_bos: bool) -> Tokenizer:
   """The Tokenizer of a `new_tokens.json` (see the module docstring): its tokens in its order."""
   with open(path) as f:
     spec = json.load(f)
@@ -154,21 +180,25 @@ def _declared(path: str, vocab_size: int, base_ids: tuple[int | None, ...], enco
     raise ValueError(f"{path}: the base tokenizer has no {missing} token; name one of new_tokens "
                      f"{new} for each.")
   return Tokenizer(vocab_size, tuple(new), *ids, _encode=encode, _decode=decode,
-                   image_token=spec["image"], eoc_token=spec["eoc"])
+                   image_token=spec["image"], eoc_token=spec["eoc"],
+                   add_bos=add_bos or "bos" in spec)
 
 
 def _hugging_face(path: str) -> Tokenizer:
   tok = tokenizers.Tokenizer.from_file(path)
   tok.encode_special_tokens = True  # "<|endoftext|>" in a text is text, not the special.
   directory = os.path.dirname(path)
-  base_ids = tuple(_hf_special(directory, tok, k) for k in ("bos_token", "eos_token", "pad_token"))
+  config = _hf_config(directory)
+  base_ids = tuple(_hf_special(config, tok, k) for k in ("bos_token", "eos_token", "pad_token"))
+  add_bos = _hf_adds_bos(config, tok, base_ids[0])
   encode = lambda text: tok.encode(text, add_special_tokens=False).ids
   decode = lambda ids, skip: tok.decode(ids, skip_special_tokens=skip)
   vocab_size = tok.get_vocab_size(with_added_tokens=True)
   if os.path.exists(os.path.join(directory, NEW_TOKENS_FILE)):
     return _declared(os.path.join(directory, NEW_TOKENS_FILE), vocab_size, base_ids, encode,
-                     decode)
-  return _with_specials(vocab_size, *base_ids, encode=encode, decode=decode)
+                     decode, add_bos)
+  return dataclasses.replace(_with_specials(vocab_size, *base_ids, encode=encode, decode=decode),
+                             add_bos=add_bos or base_ids[0] is None)
 
 
 def load_tokenizer(path: str) -> Tokenizer:

@@ -55,7 +55,8 @@ def copy_tokens(tokenizer: tokenizer_lib.Tokenizer, max_len: int = 64, min_perio
     rng = pp.example_rng(example, "copy_tokens")
     period = int(rng.integers(min_period, max_period + 1))
     run = rng.choice(pieces, period)
-    tokens = np.concatenate([[tokenizer.bos_id], np.resize(run, max_len - 1)]).astype(np.int32)
+    prefix = tokenizer.prefix
+    tokens = np.concatenate([prefix, np.resize(run, max_len - len(prefix))]).astype(np.int32)
     loss_mask = (np.arange(max_len) > period).astype(np.float32)
     return {"tokens": tokens, "media_idx": np.zeros([max_len], np.int32), "loss_mask": loss_mask}
   return op

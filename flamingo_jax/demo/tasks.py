@@ -1,28 +1,22 @@
 """The demo's few-shot tasks on shapes_fewshot TEST splits, registered in eval/tasks.py by name.
 
-- `names` (close-ended): made-up names given to shapes within an episode; accuracy per k by
+- `shapes_names` (close-ended): made-up names given to shapes within an episode; accuracy per k by
   log-likelihood ranking over the episode's choices, with the chance level.
-- `vqa` (VQA accuracy) and `captioning` (CIDEr-D): open-ended, by generation, supports from the
-  TRAIN split (eval/fewshot.py:evaluate_open_ended).
-Sizes come from config.eval (num_episodes, num_queries, shots, beam_size, max_new_tokens).
+- `shapes_vqa` (VQA accuracy) and `shapes_captioning` (CIDEr-D): open-ended, by generation,
+  supports from the TRAIN split (eval/fewshot.py:evaluate_open_ended).
+Sizes come from each run's config.evals entry (num_episodes or num_queries, shots, beam_size,
+max_new_tokens).
 """
 import logging
 from typing import Callable, Sequence
 
 import numpy as np
 
-from flamingo_jax.data import pp
 from flamingo_jax.demo.datasets import shapes_fewshot
 from flamingo_jax.eval import decode
 from flamingo_jax.eval import evaluate
 from flamingo_jax.eval import fewshot
 from flamingo_jax.eval import tasks
-
-
-def _preprocess(config) -> Callable[[np.ndarray], np.ndarray]:
-  """uint8 images -> the training pp's pixels (resize_pad to config.image_size, [-1, 1])."""
-  resize = pp.build(f"resize_pad({config.image_size})|value_range(-1, 1)")
-  return lambda images: resize({"images": np.asarray(images)})["images"]
 
 
 def evaluate_names(model, params, tokenizer, data, shots: Sequence[int] = fewshot.SHOTS, *,
@@ -59,23 +53,24 @@ def evaluate_names(model, params, tokenizer, data, shots: Sequence[int] = fewsho
   return {**out, "chance": float(np.mean(chance))}
 
 
-@tasks.register("names")
-def names(config, model, params, tokenizer) -> dict[str, float]:
-  e = config.eval
-  data = {"test": evaluate.records("shapes_fewshot/names", "test", e.num_episodes)}
-  return evaluate_names(model, params, tokenizer, data, e.shots, preprocess=_preprocess(config))
+@tasks.register("shapes_names")
+def names(task, ctx: tasks.Context) -> dict[str, float]:
+  data = {"test": evaluate.records("shapes_fewshot/names", "test", task.num_episodes)}
+  return evaluate_names(ctx.model, ctx.params, ctx.tokenizer, data, task.shots,
+                        preprocess=ctx.preprocess)
 
 
-def _open_ended(task: str):
-  def run(config, model, params, tokenizer) -> dict[str, float]:
-    e, name = config.eval, f"shapes_fewshot/{task}"
+def _open_ended(kind: str):
+  def run(task, ctx: tasks.Context) -> dict[str, float]:
+    name = f"shapes_fewshot/{kind}"
     data = {"train": evaluate.records(name, "train"),
-            "test": evaluate.records(name, "test", e.num_queries)}
-    return fewshot.evaluate_open_ended(task, model, params, tokenizer, data, e.shots,
-                                       beam_size=e.beam_size, max_new_tokens=e.max_new_tokens,
-                                       preprocess=_preprocess(config))
+            "test": evaluate.records(name, "test", task.num_queries)}
+    return fewshot.evaluate_open_ended(kind, ctx.model, ctx.params, ctx.tokenizer, data,
+                                       task.shots, beam_size=task.beam_size,
+                                       max_new_tokens=task.max_new_tokens,
+                                       preprocess=ctx.preprocess)
   return run
 
 
-tasks.register("vqa")(_open_ended("vqa"))
-tasks.register("captioning")(_open_ended("captioning"))
+tasks.register("shapes_vqa")(_open_ended("vqa"))
+tasks.register("shapes_captioning")(_open_ended("captioning"))

@@ -4,11 +4,14 @@ open-ended tasks by generation and close-ended tasks by log-likelihood ranking.
 A k-shot prompt is `<BOS>(<image>shot<EOC>)×k<image>query` (interleave.py's format, left open for
 the answer). Zero-shot follows the paper: two text-only shots, then the query with its image.
 `data` is {'train': support examples, 'test': queries} as numpy dicts ('image', 'captions' or
-'question'/'answers'). Tasks that use these pieces are registered by name in tasks.py.
+'question'/'answers'). Tasks that use these pieces are registered by name in tasks.py: the demo's
+(TEMPLATES' wording, which its shapes data were trained on) and the published benchmarks'
+(protocol.py, whose prompt texts carry their <image>/<EOC> tags and go through `prompt_ids`).
 """
 import collections
 import functools
 import logging
+import re
 from typing import Callable, Sequence
 
 import jax
@@ -22,6 +25,7 @@ from flamingo_jax.models import losses
 
 SHOTS = (0, 4, 8, 16, 32)
 ZERO_SHOT_TEXTS = 2  # Text-only examples in a zero-shot prompt (paper §3).
+EOC_TAGS = ("<EOC>", "<|endofchunk|>")  # <EOC> in prompt texts: ours, OpenFlamingo's.
 TEMPLATES = {  # task: (shot, query); fields from `_fields`.
     "captioning": ("Output: {caption}", "Output:"),
     "vqa": ("Question: {question} Short answer: {answer}", "Question: {question} Short answer:"),
@@ -52,11 +56,26 @@ def to_model_range(images: np.ndarray) -> np.ndarray:
 
 def build_prompt(tokenizer, shots: Sequence[str], query: str,
                  shot_images: bool = True) -> list[int]:
-  """<BOS>(<image>shot<EOC>)*<image>query ids; shot_images=False drops the shots' <image>."""
-  ids = [tokenizer.bos_id]
+  """<BOS>(<image>shot<EOC>)*<image>query ids; shot_images=False drops the shots' <image>.
+
+  <BOS> is the tokenizer's prefix: none for a model trained without one (OpenFlamingo-MPT)."""
+  ids = list(tokenizer.prefix)
   for text in shots:
     ids += [tokenizer.image_id] * shot_images + tokenizer.encode(text) + [tokenizer.eoc_id]
   return ids + [tokenizer.image_id] + tokenizer.encode(query)
+
+
+def prompt_ids(tokenizer, text: str) -> list[int]:
+  """The prefix, then `text` with its tags as their ids: the image tag, and "<EOC>",
+  OpenFlamingo's "<|endofchunk|>" and the tokenizer's own end-of-chunk string as <EOC>. The text
+  between tags is encoded piece by piece, as build_prompt does and as HF tokenizers split on
+  their special tokens."""
+  tags = {tokenizer.image_token: tokenizer.image_id,
+          **dict.fromkeys((*EOC_TAGS, tokenizer.eoc_token), tokenizer.eoc_id)}
+  ids = list(tokenizer.prefix)
+  for piece in re.split("(" + "|".join(map(re.escape, tags)) + ")", text):
+    ids += [tags[piece]] if piece in tags else tokenizer.encode(piece) if piece else []
+  return ids
 
 
 def random_support(rng: np.random.Generator, num_support: int, num_queries: int,
@@ -100,15 +119,40 @@ def sequence_logprob(lm: lm_lib.LM, params, visual, tokens, media_idx, target_ma
 
 def continuations(tokenizer, prompt: Sequence[int], conts: Sequence[Sequence[int]],
                   pad_multiple: int = 16):
-  """(tokens, media_idx, target mask) [len(conts), W]: `prompt` + each continuation, right-padded
-  to a multiple of pad_multiple (few widths, few compiles); the mask marks the continuation."""
-  width = -(-(len(prompt) + max(map(len, conts))) // pad_multiple) * pad_multiple
-  tokens = np.full((len(conts), width), tokenizer.pad_id, np.int32)
+  """(tokens, media_idx, target mask) [len(conts), W]: `prompt` + each continuation (see
+  `pair_tokens`)."""
+  return pair_tokens(tokenizer, [(prompt, cont) for cont in conts], pad_multiple)
+
+
+def pair_tokens(tokenizer, pairs: Sequence[tuple[Sequence[int], Sequence[int]]],
+                pad_multiple: int = 16):
+  """(tokens, media_idx, target mask) [len(pairs), W]: each prompt + its continuation,
+  right-padded to a multiple of pad_multiple (few widths, few compiles); the mask marks the
+  continuation."""
+  width = -(-max(len(p) + len(c) for p, c in pairs) // pad_multiple) * pad_multiple
+  tokens = np.full((len(pairs), width), tokenizer.pad_id, np.int32)
   target = np.zeros(tokens.shape, np.float32)
-  for row, cont in enumerate(conts):
+  for row, (prompt, cont) in enumerate(pairs):
     tokens[row, :len(prompt) + len(cont)] = list(prompt) + list(cont)
     target[row, len(prompt):len(prompt) + len(cont)] = 1.0
   return tokens, np.cumsum(tokens == tokenizer.image_id, axis=1).astype(np.int32), target
+
+
+def score_continuations(model, params, tokenizer, prompts: Sequence[Sequence[int]], images,
+                        conts: Sequence[Sequence[int]], normalize: bool = False,
+                        pad_multiple: int = 64) -> np.ndarray:
+  """Log-likelihood of each continuation after each prompt: [Q, C]; the mean per token with
+  `normalize` (OpenFlamingo's rank classification, normalize_length=True), else the sum.
+
+  prompts: Q id lists (their shots drawn per query, so their lengths vary: a coarse pad_multiple
+  keeps the compiles few); images [Q, N, T, H, W, 3] each prompt's media in order.
+  """
+  pairs = [(p, c) for p in prompts for c in conts]
+  tokens, media_idx, target = pair_tokens(tokenizer, pairs, pad_multiple)
+  visual = jnp.repeat(decode.visual_tokens(model, params, images), len(conts), axis=0)
+  scores = sequence_logprob(lm_lib.LM(model.lm), params["lm"], visual, tokens, media_idx, target)
+  scores = np.asarray(scores).reshape(len(prompts), len(conts))
+  return scores / np.array([len(c) for c in conts]) if normalize else scores
 
 
 def score_choices(model, params, tokenizer, shot_texts: Sequence[str], shot_visual, query_visual,
@@ -135,6 +179,35 @@ def shot_count(k: int) -> int:
   return k or ZERO_SHOT_TEXTS
 
 
+def choose_support(selection: str, rng: np.random.Generator, num_support: int, num_queries: int,
+                   n: int, embeddings=None) -> np.ndarray:
+  """[Q, n] support indices per query: at random (`rng`) or by RICES on (support, query)
+  `embeddings` (the most similar last)."""
+  if selection == "rices":
+    return rices_support(*embeddings, n)
+  return random_support(rng, num_support, num_queries, n)
+
+
+def fits(model, prompts: Sequence[Sequence[int]], extra: int) -> bool:
+  """Whether every prompt plus `extra` tokens fits the LM's context."""
+  return max(map(len, prompts)) + extra <= model.lm.max_len
+
+
+def generate_texts(model, params, tokenizer, prompts: Sequence[Sequence[int]],
+                   media: Callable[[Sequence[int]], np.ndarray], *, batch_size: int,
+                   beam_size: int, max_new_tokens: int, length_penalty: float = 1.0) -> list[str]:
+  """Generated text per prompt, batch_size prompts at a time; media(rows) -> those rows' images
+  [B, N, T, H, W, 3]."""
+  out = []
+  for start in range(0, len(prompts), batch_size):
+    rows = range(start, min(start + batch_size, len(prompts)))
+    ids = decode.generate(model, params, tokenizer, media(rows), [prompts[i] for i in rows],
+                          max_new_tokens=max_new_tokens, beam_size=beam_size,
+                          length_penalty=length_penalty)
+    out += [tokenizer.decode(x, skip_special=True).strip() for x in ids]
+  return out
+
+
 def evaluate_open_ended(task: str, model, params, tokenizer, data, shots: Sequence[int] = SHOTS,
                         *, selection: str = "random", seed: int = 0, batch_size: int = 8,
                         beam_size: int = 3, max_new_tokens: int = 20,
@@ -153,9 +226,10 @@ def evaluate_open_ended(task: str, model, params, tokenizer, data, shots: Sequen
   shot_texts = [shot_fmt.format(**_fields(task, ex)) for ex in support]
   query_texts = [query_fmt.format(**_fields(task, ex)) for ex in queries]
   images = lambda examples: preprocess(np.stack([ex["image"] for ex in examples]))
+  embeddings = None
   if selection == "rices":
-    support_emb = image_embeddings(model, params, images(support))
-    query_emb = image_embeddings(model, params, images(queries))
+    embeddings = (image_embeddings(model, params, images(support)),
+                  image_embeddings(model, params, images(queries)))
   rng = np.random.default_rng(seed)
   name = "cider" if task == "captioning" else "vqa_accuracy"
   results = {}
@@ -164,25 +238,20 @@ def evaluate_open_ended(task: str, model, params, tokenizer, data, shots: Sequen
     if n > len(support):
       logging.info("%s: %d-shot left out: only %d support examples.", task, k, len(support))
       continue
-    chosen = (rices_support(support_emb, query_emb, n) if selection == "rices" else
-              random_support(rng, len(support), len(queries), n))
+    chosen = choose_support(selection, rng, len(support), len(queries), n, embeddings)
     prompts = [build_prompt(tokenizer, [shot_texts[j] for j in chosen[i]], query_texts[i], k > 0)
                for i in range(len(queries))]
-    if max(map(len, prompts)) + max_new_tokens > model.lm.max_len:
+    if not fits(model, prompts, max_new_tokens):
       logging.info("%s: %d-shot left out: prompts exceed max_len.", task, k)
       continue
-    predictions = []
-    for start in range(0, len(queries), batch_size):
-      rows = range(start, min(start + batch_size, len(queries)))
-      media = [[support[j] for j in chosen[i]][:k] + [queries[i]] for i in rows]
-      batch = np.stack([images(m) for m in media])[:, :, None]  # [B, k + 1, 1, H, W, 3]
-      ids = decode.generate(model, params, tokenizer, batch, [prompts[i] for i in rows],
-                            max_new_tokens=max_new_tokens, beam_size=beam_size)
-      predictions += [tokenizer.decode(x, skip_special=True).strip() for x in ids]
+    media = lambda rows: np.stack([  # [B, k + 1, 1, H, W, 3]
+        images([support[j] for j in chosen[i]][:k] + [queries[i]]) for i in rows])[:, :, None]
+    predictions = generate_texts(model, params, tokenizer, prompts, media, batch_size=batch_size,
+                                 beam_size=beam_size, max_new_tokens=max_new_tokens)
     if task == "captioning":
-      refs = [[metrics.caption_tokens(text(c)) for c in ex["captions"]] for ex in queries]
+      refs = [[metrics.ptb_tokenize(text(c)) for c in ex["captions"]] for ex in queries]
       results[f"{name}/{k}shot"] = metrics.cider_d(
-          [metrics.caption_tokens(p) for p in predictions], refs)[0]
+          [metrics.ptb_tokenize(p) for p in predictions], refs)[0]
     else:
       results[f"{name}/{k}shot"] = float(np.mean([
           metrics.vqa_accuracy(p, [text(a) for a in ex["answers"]])

@@ -9,7 +9,7 @@ the paper's ablation with model.resampler.kind='mlp'), `lm/…` (frozen), `lm/{g
 and `lm/new_token_embed` (trainable).
 
 Inputs (see flamingo_jax/data/interleave.py): images [B, N, T, H, W, 3], tokens [B, L],
-media_idx [B, L] (1-based index of the last <image> at or before each token, 0 = none).
+media_idx [B, L] (1-based index of the image each token attends to, the paper's φ; 0 = none).
 """
 import dataclasses
 from typing import Any

@@ -26,6 +26,10 @@ _GELU_GAMMA = 1.7015043497085571
 _SE_GAIN = 2.0
 # Stage depths of F0; F_n repeats every stage (n + 1) times.
 _F0_DEPTHS = (1, 2, 6, 3)
+# ImageNet's pixel statistics, which DeepMind's NFNets (deepmind-research/nfnets) and timm's
+# dm_nfnet_* weights were trained with: they bring inputs to mean 0, variance 1 per channel.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 _fan_in_normal = nn.initializers.variance_scaling(1.0, "fan_in", "normal")
 
@@ -44,7 +48,12 @@ def _make_divisible(v, divisor=8, round_limit=0.9):
 @dataclasses.dataclass(frozen=True)
 class NFNetConfig:
   """The NFNet's hyper-parameters (defaults: F0; `nfnet_config` gives F0..F7), one hashable value
-  that modules hold and derive with `dataclasses.replace`, as the flax lm1b example does."""
+  that modules hold and derive with `dataclasses.replace`, as the flax lm1b example does.
+
+  mean/std: per-channel pixel statistics the weights were trained with (the input pipeline's
+    `normalize` pp op takes them); they belong to the weights, e.g. (0.5,) * 3 for weights trained
+    on value_range(-1, 1) pixels.
+  """
   depths: Sequence[int] = _F0_DEPTHS
   channels: Sequence[int] = (256, 512, 1536, 1536)
   stem_chs: int = 128
@@ -57,8 +66,16 @@ class NFNetConfig:
   std_conv_eps: float = 1e-5
   num_classes: int = 0
   scan_blocks: bool = True
+  mean: tuple[float, float, float] = IMAGENET_MEAN
+  std: tuple[float, float, float] = IMAGENET_STD
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+
+  def __post_init__(self):
+    for field in ("mean", "std"):
+      value = getattr(self, field)
+      if not isinstance(value, tuple) or len(value) != 3:
+        raise ValueError(f"{field}: expected a tuple of 3 per-channel floats, got {value!r}.")
 
 
 def nfnet_config(variant: str, **overrides) -> NFNetConfig:
@@ -69,6 +86,9 @@ def nfnet_config(variant: str, **overrides) -> NFNetConfig:
   unknown = set(overrides) - {f.name for f in dataclasses.fields(NFNetConfig)}
   if unknown:
     raise ValueError(f"overrides: unknown NFNet fields {sorted(unknown)}.")
+  for field in ("mean", "std"):  # Configs may hold lists; the config must stay hashable.
+    if field in overrides:
+      overrides[field] = tuple(overrides[field])
   # F_n differs from F0 (NFNetConfig's defaults) only in its depths.
   depths = tuple((int(name[1]) + 1) * d for d in _F0_DEPTHS)
   return NFNetConfig(**{"depths": depths, **overrides})

@@ -1,8 +1,9 @@
 """Masked cross-attention and the GATED XATTN-DENSE block (Flamingo paper, Sec. 2.2 and Fig. 4).
 
 Text tokens (queries) attend to the visual tokens produced by the Perceiver Resampler. Which image a
-token may see is given by `media_idx`: the 1-based index of the last `<image>` at or before the
-token (0 = no image yet). By default a token sees only that image's R tokens (the paper's per-image
+token may see is given by `media_idx` (the paper's φ): the 1-based index of the image the token
+attends to, the last `<image>` at or before it, or the next one under M3W's p_next (0 = none;
+data/interleave.py). By default a token sees only that image's R tokens (the paper's per-image
 masking); `only_attend_immediate=False` is the paper's ablation (all previous images). Tokens with
 media_idx 0 get a zero cross-attention output, so they are exactly as the frozen LM computes them.
 """

@@ -11,6 +11,7 @@ tokens) and its gradient (summed over `config.microbatches`), weighted by λ and
 one optimizer step ('accumulate', the paper's choice). `mixture_mode='round_robin'` (the paper's
 ablation) uses one dataset per step in turn. Gradients are taken only w.r.t. the trainable subtree.
 """
+import functools
 import signal
 import time
 from typing import Any, Callable, NamedTuple
@@ -142,8 +143,14 @@ def make_setup(config, model: nn.Module, mesh: Mesh, weights: dict[str, float]) 
     with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):  # For layers.constrain_batch.
       return kind.apply(model, params, batch)
 
+  loss_fn = kind.loss
+  if "loss_normalization" in config.get("input", {}):  # The paper's Eq. (2) (kinds/flamingo.py).
+    if config.input.loss_normalization not in flamingo_kind.LOSS_NORMALIZATIONS:  # Before init.
+      raise ValueError(f"config.input.loss_normalization={config.input.loss_normalization!r}; "
+                       f"expected one of {flamingo_kind.LOSS_NORMALIZATIONS}.")
+    loss_fn = functools.partial(kind.loss, normalization=config.input.loss_normalization)
   update = jax.jit(
-      make_update_step(apply_fn, tx, weights, config.microbatches, kind.loss),
+      make_update_step(apply_fn, tx, weights, config.microbatches, loss_fn),
       in_shardings=(state_sh, frozen_sh, sharding_lib.batch_sharding(mesh)),
       out_shardings=(state_sh, repl), donate_argnums=0)
   return Setup(init, tx, schedules, state_sh, frozen_sh, abstract_state,
@@ -175,11 +182,15 @@ class _Sigterm:
       signal.signal(signal.SIGTERM, self._previous)
 
 
-def train(config, workdir: str) -> tuple[dict, dict, dict]:
+def train(config, workdir: str,
+          evaluator: Callable[[int, Any], dict[str, float]] | None = None
+          ) -> tuple[dict, dict, dict]:
   """Trains until config.total_steps (resuming from workdir).
 
   Returns (train state, frozen params, the last logged metrics), e.g. for a notebook. Relative
   paths (workdir and the config's, `paths.CONFIG_PATH_FIELDS`) are taken from the current directory.
+  evaluator(step, params) -> scalars runs after every step and its scalars are logged with the
+  metrics (`eval/evaluate.py:periodic` makes one of config.evals; launch.py passes it).
   """
   config, workdir = paths.resolve_config(config), paths.resolve(workdir)
   modules.import_modules(config)
@@ -188,10 +199,14 @@ def train(config, workdir: str) -> tuple[dict, dict, dict]:
                              "workdir of an earlier run to resume).")
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   with workdir_lock.WorkdirLock(workdir, config.get("lock_stale_after_s", 600)) as lock:
-    return _train(config, workdir, lock)
+    if evaluator is None and any(t.get("every_steps") for t in config.get("evals", {}).values()):
+      logging.warning("config.evals has runs with every_steps, but no evaluator was passed: they "
+                      "do not run (launch.py passes eval/evaluate.py:periodic(config, workdir)).")
+    return _train(config, workdir, lock, evaluator)
 
 
-def _train(config, workdir: str, lock: workdir_lock.WorkdirLock) -> tuple[dict, dict, dict]:
+def _train(config, workdir: str, lock: workdir_lock.WorkdirLock,
+           evaluator) -> tuple[dict, dict, dict]:
   """train() once the workdir is ours."""
   # ----------------------------------------------------------------------- logging
   logging.info("%d processes, %d devices (%s).", jax.process_count(), jax.device_count(),
@@ -301,6 +316,10 @@ def _train(config, workdir: str, lock: workdir_lock.WorkdirLock) -> tuple[dict, 
         check_and_log(*pending)
       pending = (step, measured, sum(b["tokens"].shape[0] for b in batches.values()),
                  sum(b["tokens"].size for b in batches.values()))
+      if evaluator is not None:
+        scores = evaluator(step, state_lib.merge(train_state["params"], frozen))
+        if scores:
+          writer.write(step, scores)
       stop = sigterm.stop(step)
       lock.heartbeat()
       if stop or step == config.total_steps or manager.should_save(step):

@@ -38,10 +38,26 @@ def apply(module, params, batch):
   return module.apply({"params": params}, batch["images"], batch["tokens"], batch["media_idx"])
 
 
-def loss(logits, batch):
-  """(NLL sum, number of target tokens, {})."""
+LOSS_NORMALIZATIONS = ("token", "sequence")
+
+
+def loss(logits, batch, normalization: str = "token"):
+  """(NLL sum, weight, {}): the dataset's loss is the sum over microbatches of the first divided
+  by that of the weight, so either way microbatching is exact.
+
+  normalization (config.input.loss_normalization): 'token', weight = the number of target tokens
+  (the mean NLL per token); 'sequence', weight = the number of sequences with a target: the
+  paper's Eq. (2), the batch mean of each sequence's summed NLL: the objective its λ were set
+  for, where a 256-token document weighs more than a short caption.
+  """
+  if normalization not in LOSS_NORMALIZATIONS:
+    raise ValueError(f"config.input.loss_normalization={normalization!r}; expected one of "
+                     f"{LOSS_NORMALIZATIONS}.")
+  counted = batch["loss_mask"][:, 1:]  # Target tokens...
+  if normalization == "sequence":
+    counted = jnp.any(counted > 0, axis=1)  # ... or sequences that have one.
   return (losses.next_token_nll(logits, batch["tokens"], batch["loss_mask"]),
-          jnp.sum(batch["loss_mask"][:, 1:]), {})
+          jnp.sum(counted, dtype=jnp.float32), {})
 
 
 def load_backbones(config, trainable, frozen):
