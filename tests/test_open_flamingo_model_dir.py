@@ -1,6 +1,7 @@
 """An OpenFlamingo release end to end: `convert openflamingo` writes a model directory from its
 checkpoint, HF LM and OpenCLIP ViT; predict on PNG files gives OpenFlamingo's own greedy
-`generate` token for token (raw images through both ViTs), and fine-tuning starts from it."""
+`generate` token for token (raw images through both ViTs), the eval protocol gives OpenFlamingo's
+evaluate.py predictions on the same shots, and fine-tuning starts from it."""
 import json
 import os
 import subprocess
@@ -103,6 +104,21 @@ def test_predict_on_pngs_equals_open_flamingo_generate(release, converted_dir):
   assert json.loads(printed)["text"] == expected
 
 
+def test_eval_runs_a_benchmark_from_the_directory(converted_dir, tmp_path):
+  """--mode=eval of a converted directory on a benchmark's files, OpenFlamingo's prompts, RICES;
+  results beside the run, not in the model directory."""
+  from tests import benchmark_fixtures  # pylint: disable=g-import-not-at-top
+  benchmark_fixtures.write("vqav2", tmp_path / "vqav2", np.random.default_rng(0), num_per_split=3)
+  printed = _run("launch.py", "--mode=eval", f"--workdir={tmp_path / 'run'}",
+                 f"--config={ROOT}/flamingo_jax/configs/converted.py:dir={converted_dir}",
+                 f"--benchmark=vqav2:{tmp_path / 'vqav2'}", "--shots=0,2", "--num_queries=2",
+                 "--selection=rices", "--prompts=openflamingo")
+  results = json.loads((tmp_path / "run" / "eval.json").read_text())
+  assert set(results["vqav2"]) == {"vqa_accuracy/0shot", "vqa_accuracy/2shot"}
+  assert json.loads(printed[printed.index("{"):]) == results
+  assert not (converted_dir / "eval.json").exists()
+
+
 def test_converted_config_fine_tunes_from_the_directory(converted_dir, tmp_path):
   """configs/converted.py: frozen ViT and LM from the directory, the trained parts from its init
   (with lr 0 they end as they started)."""
@@ -162,3 +178,113 @@ def test_export_gives_back_the_release(release, converted_dir, tmp_path):
   for key, value in original.items():
     np.testing.assert_array_equal(exported[key][:len(value)], value, err_msg=key)
   assert exported["model.embed_tokens.weight"].shape == (66, 32)
+
+
+# OpenFlamingo's evaluate.py on the same shots: its prompts (its get_*_prompt joined with "\n",
+# tags dropped at 0 shots), its tokenizer (factory.py's AutoTokenizer with its two tokens added;
+# left padding, as its eval model), OpenCLIP's transform, generate as its eval model calls it (no
+# eos_token_id: <|endofchunk|> alone stops), the new tokens decoded without specials and
+# post-processed as evaluate.py. Not exercised: stopping. The random LM emits neither
+# <|endofchunk|> nor its EOS here; OpenFlamingo stops at <|endofchunk|> alone (Flamingo.generate's
+# eos_token_id), decode.generate at the EOS too, so a real LM's EOS before <|endofchunk|> would
+# end our answer where OpenFlamingo's goes on (its EOS then dropped by skip_special_tokens).
+OF_EVAL = {"vqav2": ("vqa_metric", "postprocess_vqa_generation"),
+           "coco": ("coco_metric", "postprocess_captioning_generation")}
+
+
+def _of_postprocess(name):
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  import open_flamingo  # pylint: disable=g-import-not-at-top
+  module, fn = OF_EVAL[name]
+  path = os.path.join(os.path.dirname(open_flamingo.__file__), "eval", f"{module}.py")
+  spec = importlib.util.spec_from_file_location(f"of_{module}", path)
+  loaded = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(loaded)
+  return getattr(loaded, fn)
+
+
+def _of_tokenizer(lm_dir):
+  """factory.py's tokenizer; unk named as the tiny tokenizer.json's (LLaMA's has its own <unk>:
+  LlamaTokenizerFast would otherwise add one at id 64)."""
+  import transformers  # pylint: disable=g-import-not-at-top
+  tok = transformers.AutoTokenizer.from_pretrained(str(lm_dir), unk_token="w0")
+  tok.add_special_tokens({"additional_special_tokens": ["<|endofchunk|>", "<image>"]})
+  tok.padding_side = "left"
+  return tok
+
+
+def _of_text(name, shots, query, k):
+  from tests.test_protocol import OpenFlamingoPrompts  # pylint: disable=g-import-not-at-top
+  of = OpenFlamingoPrompts()
+  if name == "vqav2":
+    shot = lambda ex: of.get_vqa_prompt(question=ex.question, answer=ex.answers[0])
+    query_text = of.get_vqa_prompt(question=query.question)
+  else:
+    shot = lambda ex: of.get_caption_prompt(caption=ex.captions[0].strip())
+    query_text = of.get_caption_prompt()
+  context = "".join(shot(ex) + "\n" for ex in shots)
+  return (context.replace("<image>", "") if k == 0 else context) + query_text
+
+
+def _of_predictions(theirs, tok, name, rows, support, queries, k, beam_size, max_new_tokens):
+  import open_clip  # pylint: disable=g-import-not-at-top
+  transform = open_clip.image_transform(16, is_train=False)
+  texts, images = [], []
+  for row in rows:
+    shots = [support[i] for i in row["shots"]]
+    texts.append(_of_text(name, shots, queries[row["id"]], k))
+    paths = [ex.media[0] for ex in shots[:k]] + [queries[row["id"]].media[0]]
+    images.append(torch.stack([transform(Image.open(p)) for p in paths])[:, None])
+  enc = tok(texts, padding="longest", return_tensors="pt")
+  with torch.no_grad():
+    out = theirs.generate(torch.stack(images), enc["input_ids"], enc["attention_mask"],
+                          min_new_tokens=0, max_new_tokens=max_new_tokens, num_beams=beam_size,
+                          length_penalty=0.0)
+  decoded = tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+  postprocess = _of_postprocess(name)
+  predictions = [postprocess(t).replace('"', "") if name == "coco" else postprocess(t)
+                 for t in decoded]
+  ids = [[i for i, m in zip(row, mask) if m] for row, mask in zip(enc["input_ids"].tolist(),
+                                                                  enc["attention_mask"].tolist())]
+  return texts, ids, predictions
+
+
+@pytest.mark.parametrize("beam_size", [1, 3])
+def test_eval_predictions_equal_open_flamingo_evaluate(release, converted_dir, tmp_path,
+                                                       monkeypatch, beam_size):
+  """Our protocol (openflamingo prompts, random shots) and OpenFlamingo's evaluate.py on the
+  shots our predictions file names: the same prompts and predictions, query by query."""
+  from flamingo_jax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+  from flamingo_jax.eval import evaluate  # pylint: disable=g-import-not-at-top
+  from flamingo_jax.eval import fewshot  # pylint: disable=g-import-not-at-top
+  from flamingo_jax.eval import protocol  # pylint: disable=g-import-not-at-top
+  from tests import benchmark_fixtures  # pylint: disable=g-import-not-at-top
+  theirs, tmp = release
+  # Words the LM knows; none starts with w0, w1 or w2, which HF's tokenizer splits off any word
+  # as its special tokens.
+  monkeypatch.setattr(benchmark_fixtures, "_WORDS", tuple(WORDS[30:40]))
+  specs = []
+  for i, name in enumerate(OF_EVAL):
+    benchmark_fixtures.write(name, tmp_path / name, np.random.default_rng(i), num_per_split=4)
+    specs.append(f"{name}:{tmp_path / name}")
+  config = evaluate.configure(converted.get_config(f"dir={converted_dir}"), specs, shots=(0, 2),
+                              seeds=(0,), selection="random", prompts="openflamingo",
+                              beam_size=beam_size)
+  evaluate.evaluate(config, str(tmp_path / "run"))
+  tok, ours = _of_tokenizer(tmp / "lm"), tokenizer_lib.load_tokenizer(config.input.tokenizer)
+  assert tok.convert_tokens_to_ids(["<|endofchunk|>", "<image>"]) == [64, 65]
+  compared = []
+  for name in OF_EVAL:
+    settings = protocol.settings(config.evals[name], name)
+    support, queries = ({ex.id: ex for ex in split} for split in protocol.data(settings, name))
+    for k in (0, 2):
+      saved = json.loads((tmp_path / "run" / "eval_predictions" / f"{name}_{k}shot_seed0.json")
+                         .read_text())["predictions"]
+      texts, ids, predictions = _of_predictions(theirs, tok, name, saved, support, queries, k,
+                                                beam_size, settings.max_new_tokens)
+      assert [r["prompt"] for r in saved] == texts
+      assert [fewshot.prompt_ids(ours, t) for t in texts] == ids
+      assert [r["prediction"] for r in saved] == predictions, (name, k)
+      compared += predictions
+  assert len(compared) == 16 and len(set(compared)) > 2  # Answers that depend on the inputs.
+

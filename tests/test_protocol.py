@@ -4,6 +4,7 @@ builds them."""
 import argparse
 import functools
 import importlib
+import json
 import pathlib
 import shutil
 import sys
@@ -16,6 +17,7 @@ import open_flamingo
 import pytest
 
 from flamingo_jax.eval import fewshot
+from flamingo_jax.eval import metrics
 from flamingo_jax.eval import protocol
 from flamingo_jax.eval import tasks
 from flamingo_jax.eval.benchmarks import Example
@@ -42,15 +44,16 @@ def tiny_setup():
   return model, model_utils.set_gates(model_utils.init(model, images, tokens, media_idx), 0.8)
 
 
-def context(cache_dir=None, params=None):
+def context(cache_dir=None, params=None, predictions_dir=None):
   model, tiny_params = tiny_setup()
   return tasks.Context(model, params or tiny_params, char_tokenizer(), preprocess,
-                       None if cache_dir is None else str(cache_dir), None)
+                       None if cache_dir is None else str(cache_dir), None,
+                       None if predictions_dir is None else str(predictions_dir))
 
 
-def run(name, root, **fields):
+def run(name, root, predictions_dir=None, **fields):
   task = ml_collections.ConfigDict(dict(type=name, data_dir=str(root), **fields))
-  return tasks.get(name)(task, context())
+  return tasks.get(name)(task, context(predictions_dir=predictions_dir))
 
 
 @pytest.fixture(scope="module")
@@ -84,6 +87,34 @@ def test_seeds_give_a_std(roots):
             prompts="openflamingo")
   assert set(out) == {f"{m}/1shot{s}" for m in ("roc_auc", "accuracy") for s in ("", "/std")}
   assert all(0 <= v <= 1 for v in out.values())
+
+
+@pytest.mark.parametrize("name", ["vqav2", "hateful_memes"])
+def test_each_k_and_seed_writes_its_predictions(roots, tmp_path, name):
+  run(name, roots[name], tmp_path, **{**FAST, "shots": (0, 1)}, seeds=(0, 3))
+  assert sorted(p.name for p in tmp_path.iterdir()) == [
+      f"{name}_{k}shot_seed{seed}.json" for k in (0, 1) for seed in (0, 3)]
+  task = ml_collections.ConfigDict(dict(type=name, data_dir=str(roots[name]), shots=(0, 1)))
+  s = protocol.settings(task, "x")
+  support, queries = protocol.data(s, "x")
+  by_id = {ex.id: ex for ex in support}
+  for k in (0, 1):
+    saved = json.loads((tmp_path / f"{name}_{k}shot_seed3.json").read_text())
+    assert {key: saved[key] for key in ("benchmark", "shots", "seed")} == {
+        "benchmark": name, "shots": k, "seed": 3}
+    rows = saved["predictions"]
+    assert [r["id"] for r in rows] == [q.id for q in queries]
+    for row, query in zip(rows, queries):
+      shots = [by_id[i] for i in row["shots"]]
+      assert len(shots) == fewshot.shot_count(k)
+      assert row["prompt"] == protocol.render(s.prompt, shots, query, k)
+      if name == "vqav2":
+        assert row["prediction"] == metrics.postprocess_vqa(row["generated"])
+        assert row["references"] == list(query.answers)
+      else:
+        assert set(row["scores"]) == {"no", "yes"}
+        assert row["prediction"] == max(row["scores"], key=row["scores"].get)
+        assert row["references"] == [protocol.HATEFUL[query.label]]
 
 
 def test_a_k_that_exceeds_the_context_is_left_out(roots):

@@ -97,7 +97,8 @@ def preprocess_fn(config) -> Callable[[np.ndarray], np.ndarray]:
 
 def context(config, model, params, workdir: str) -> tasks.Context:
   return tasks.Context(model, params, tokenizer_lib.load_tokenizer(config.input.tokenizer),
-                       preprocess_fn(config), os.path.join(workdir, "eval_cache"), config)
+                       preprocess_fn(config), os.path.join(workdir, "eval_cache"), config,
+                       os.path.join(workdir, "eval_predictions"))
 
 
 def selected(config, only=None) -> dict[str, ml_collections.ConfigDict]:

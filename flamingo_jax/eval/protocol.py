@@ -16,6 +16,9 @@ One eval task type per benchmark of benchmarks.BENCHMARKS (`config.evals.<run>.t
   one seed)} in the metric functions' units: CIDEr as coco-caption, VQA accuracy, accuracy and
   ROC-AUC in [0, 1] (the papers print 100x). Video QA (one answer per question) reports top-1
   `accuracy` as the paper's tables; the official VQA accuracy needs several human answers.
+- predictions, where the context has a `predictions_dir`: per k and seed, each query's id, its
+  shots' ids, prompt text, generated and post-processed answer, references (HatefulMemes: the
+  answers' scores), as <benchmark>_<k>shot_seed<seed>.json (`save_predictions`).
 
 A run's fields (`config.evals.<run>`), all optional but data_dir:
   data_dir        the benchmark's files as released (benchmarks.py lists the layouts)
@@ -241,9 +244,13 @@ def render(prompt: Prompt, shots: Sequence[Example], query: Example, k: int) -> 
   return context + prompt.query.format(**fields(query))
 
 
-def _prompts(ctx, s: Settings, support, queries, chosen, k: int) -> list[list[int]]:
-  return [fewshot.prompt_ids(ctx.tokenizer, render(s.prompt, [support[j] for j in row], query, k))
+def _texts(s: Settings, support, queries, chosen, k: int) -> list[str]:
+  return [render(s.prompt, [support[j] for j in row], query, k)
           for row, query in zip(chosen, queries)]
+
+
+def _prompts(ctx, s: Settings, support, queries, chosen, k: int) -> list[list[int]]:
+  return [fewshot.prompt_ids(ctx.tokenizer, t) for t in _texts(s, support, queries, chosen, k)]
 
 
 # Media.
@@ -328,26 +335,38 @@ def embeddings(ctx, s: Settings, split: str, examples: Sequence[Example], load,
 # Scoring.
 
 
-def _open_ended(ctx, s: Settings, support, queries, chosen, k: int, load, rng) -> dict:
-  """Generation, then CIDEr, VQA accuracy or (video QA) top-1 accuracy."""
+def _open_ended(ctx, s: Settings, support, queries, chosen, k: int, load, rng):
+  """Generation, then CIDEr, VQA accuracy or (video QA) top-1 accuracy; (results, records)."""
   del rng  # Open-ended tasks are not ensembled.
-  prompts = _prompts(ctx, s, support, queries, chosen, k)
-  texts = fewshot.generate_texts(
-      ctx.model, ctx.params, ctx.tokenizer, prompts, _media(support, queries, chosen, k, load),
-      batch_size=s.batch_size, beam_size=s.beam_size, max_new_tokens=s.max_new_tokens,
-      length_penalty=s.length_penalty)
+  texts = _texts(s, support, queries, chosen, k)
+  generated = fewshot.generate_texts(
+      ctx.model, ctx.params, ctx.tokenizer, [fewshot.prompt_ids(ctx.tokenizer, t) for t in texts],
+      _media(support, queries, chosen, k, load), batch_size=s.batch_size,
+      beam_size=s.beam_size, max_new_tokens=s.max_new_tokens, length_penalty=s.length_penalty)
   if s.kind == "captioning":
-    predictions = [metrics.ptb_tokenize(metrics.postprocess_caption(t).replace('"', ""))
-                   for t in texts]
-    refs = [[metrics.ptb_tokenize(c) for c in ex.captions] for ex in queries]
-    return {"cider": metrics.cider_d(predictions, refs)[0]}
-  answers = [metrics.postprocess_vqa(t) for t in texts]
-  if queries[0].video:
-    norm = metrics.normalize_vqa_answer
-    return {"accuracy": float(np.mean([norm(a) == norm(ex.answers[0])
-                                       for a, ex in zip(answers, queries)]))}
-  return {"vqa_accuracy": float(np.mean([metrics.vqa_accuracy(a, ex.answers)
-                                         for a, ex in zip(answers, queries)]))}
+    predictions = [metrics.postprocess_caption(t).replace('"', "") for t in generated]
+    refs = [list(ex.captions) for ex in queries]
+    results = {"cider": metrics.cider_d([metrics.ptb_tokenize(p) for p in predictions],
+                                        [[metrics.ptb_tokenize(c) for c in r] for r in refs])[0]}
+  else:
+    predictions = [metrics.postprocess_vqa(t) for t in generated]
+    refs = [list(ex.answers) for ex in queries]
+    if queries[0].video:
+      norm = metrics.normalize_vqa_answer
+      results = {"accuracy": float(np.mean([norm(a) == norm(r[0])
+                                            for a, r in zip(predictions, refs)]))}
+    else:
+      results = {"vqa_accuracy": float(np.mean([metrics.vqa_accuracy(a, r)
+                                                for a, r in zip(predictions, refs)]))}
+  return results, records(support, queries, chosen, texts, generated=generated,
+                          prediction=predictions, references=refs)
+
+
+def records(support, queries, chosen, texts, **columns) -> list[dict]:
+  """Per query: its id, its shots' ids and prompt text as given to the model, and `columns`."""
+  return [{"id": q.id, "shots": [support[j].id for j in row], "prompt": text,
+           **{name: values[i] for name, values in columns.items()}}
+          for i, (q, row, text) in enumerate(zip(queries, chosen, texts))]
 
 
 def _orders(chosen: np.ndarray, ensembles: int, rng) -> list[np.ndarray]:
@@ -374,15 +393,33 @@ def answer_logprobs(ctx, s: Settings, support, queries, chosen, k: int, load) ->
   return np.concatenate(out)
 
 
-def _close_ended(ctx, s: Settings, support, queries, chosen, k: int, load, rng) -> dict:
+def _close_ended(ctx, s: Settings, support, queries, chosen, k: int, load, rng):
   """HatefulMemes: ROC-AUC of p(yes) (softmax over the two answers, as OpenFlamingo's pred_score)
-  and accuracy, log-probs averaged over shot orders."""
-  logp = np.mean([answer_logprobs(ctx, s, support, queries, order, k, load)
-                  for order in _orders(chosen, s.ensembles, rng)], axis=0)
+  and accuracy, log-probs averaged over shot orders; (results, records of the first order)."""
+  orders = _orders(chosen, s.ensembles, rng)
+  logp = np.mean([answer_logprobs(ctx, s, support, queries, order, k, load) for order in orders],
+                 axis=0)
   p_yes = np.exp(logp[:, 1] - np.logaddexp(logp[:, 0], logp[:, 1]))
   labels = np.array([ex.label for ex in queries])
-  return {"roc_auc": metrics.roc_auc(p_yes, labels),
-          "accuracy": metrics.accuracy(logp.argmax(1), labels)}
+  results = {"roc_auc": metrics.roc_auc(p_yes, labels),
+             "accuracy": metrics.accuracy(logp.argmax(1), labels)}
+  return results, records(
+      support, queries, orders[0], _texts(s, support, queries, orders[0], k),
+      scores=[dict(zip(HATEFUL, map(float, row))) for row in logp], p_yes=p_yes.tolist(),
+      prediction=[HATEFUL[i] for i in logp.argmax(1)],
+      references=[[HATEFUL[ex.label]] for ex in queries])
+
+
+def save_predictions(ctx, s: Settings, k: int, seed: int, rows: list[dict]) -> None:
+  """ctx.predictions_dir/<benchmark>_<k>shot_seed<seed>.json (process 0; nothing without the
+  directory): what each query was asked and answered, to inspect or submit to a server."""
+  if not ctx.predictions_dir or jax.process_index():
+    return
+  path = epath.Path(ctx.predictions_dir) / f"{s.name}_{k}shot_seed{seed}.json"
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(json.dumps(
+      {"benchmark": s.name, "split": s.query_split, "shots": k, "seed": seed,
+       "selection": s.selection, "prompts": s.prompts, "predictions": rows}, indent=1))
 
 
 def _extra_tokens(ctx, s: Settings) -> int:
@@ -416,8 +453,12 @@ def _k_shot(ctx, s: Settings, support, queries, k: int, load, feats) -> dict[str
                  ctx.model.lm.max_len)
     return {}
   score = _close_ended if s.kind == "classification" else _open_ended
-  return aggregate([score(ctx, s, support, queries, chosen[seed], k, load, rngs[seed])
-                    for seed in s.seeds], k)
+  per_seed = []
+  for seed in s.seeds:
+    results, rows = score(ctx, s, support, queries, chosen[seed], k, load, rngs[seed])
+    save_predictions(ctx, s, k, seed, rows)
+    per_seed.append(results)
+  return aggregate(per_seed, k)
 
 
 def run(task, ctx: tasks.Context) -> dict[str, float]:

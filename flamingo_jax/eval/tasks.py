@@ -26,7 +26,8 @@ class Context:
   model/params: the Flamingo and all its parameters; tokenizer: the run's; preprocess: uint8
   images or frames [..., H, W, 3] -> the model's pixels [..., S, S, 3] (the run's image pp);
   cache_dir: where tasks may keep what they compute once per model (e.g. RICES features), or None;
-  config: the whole run config.
+  config: the whole run config; predictions_dir: where tasks write each query's prediction (to
+  inspect, or submit to a benchmark's server), or None.
   """
   model: Any
   params: Any
@@ -34,6 +35,7 @@ class Context:
   preprocess: Callable[[np.ndarray], np.ndarray]
   cache_dir: str | None
   config: Any
+  predictions_dir: str | None = None
 
 
 def register(name: str, check: Check | None = None) -> Callable[[Task], Task]:
