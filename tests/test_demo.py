@@ -97,7 +97,8 @@ def test_stage3_starts_as_the_stage2_lm(tmp_path):
   vocab = plain_cfg.vocab_size
   tokens = np.array([[1, vocab, 40, 41, 42, vocab + 1, vocab, 43, 44]], np.int32)  # <image>=V.
   media_idx = np.cumsum(tokens == vocab, axis=1).astype(np.int32)
-  lm_params = nn.unbox(lm_lib.LM(plain_cfg).init(jax.random.PRNGKey(1), tokens))["params"]
+  # Jitted: eager flax dispatch of these models takes minutes on two cores; the maths is the same.
+  lm_params = nn.unbox(jax.jit(lm_lib.LM(plain_cfg).init)(jax.random.PRNGKey(1), tokens))["params"]
   lm_params["new_token_embed"] = jax.random.normal(jax.random.PRNGKey(2),
                                                    lm_params["new_token_embed"].shape)
   config.lm_init = str(tmp_path / "lm")
@@ -106,11 +107,13 @@ def test_stage3_starts_as_the_stage2_lm(tmp_path):
   kind = kinds.get("flamingo")
   model = kind.model(config)
   images = np.zeros((1, 2, 1, config.image_size, config.image_size, 3), np.float32)
-  params = nn.unbox(model.init(jax.random.PRNGKey(0), images, tokens, media_idx))["params"]
+  params = nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), images, tokens, media_idx))[
+      "params"]
   rules = optim.param_rules(params, config.schedule)
   trainable, frozen = state_lib.split(params, lambda p: rules[p] is not None)
   trainable, frozen = kind.load_backbones(config, trainable, frozen)
   assert np.array_equal(trainable["lm"]["new_token_embed"], lm_params["new_token_embed"])
-  got = model.apply({"params": state_lib.merge(trainable, frozen)}, images, tokens, media_idx)
-  want = lm_lib.LM(plain_cfg).apply({"params": lm_params}, tokens)
+  got = jax.jit(model.apply)({"params": state_lib.merge(trainable, frozen)}, images, tokens,
+                             media_idx)
+  want = jax.jit(lm_lib.LM(plain_cfg).apply)({"params": lm_params}, tokens)
   np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)

@@ -165,13 +165,14 @@ def test_sliding_window_acts_and_decodes(tmp_path):
   assert rel_error(apply(dataclasses.replace(cfg, sliding_window=None), params, tokens),
                    theirs) > 1e-3
   decoder = lm_lib.LM(cfg, decode=True)
-  cache = decoder.init(jax.random.key(0), np.zeros((2, 16), np.int32))["cache"]
-  logits, state = decoder.apply({"params": params, "cache": cache}, tokens[:, :3],
-                                mutable=["cache"])
+  cache = jax.jit(decoder.init)(jax.random.key(0), np.zeros((2, 16), np.int32))["cache"]
+  # Jitted (two compiles: the 3-token prefix, then every 1-token step): eager dispatch of the 14
+  # calls takes most of this test's time.
+  step = jax.jit(functools.partial(decoder.apply, mutable=["cache"]))
+  logits, state = step({"params": params, "cache": cache}, tokens[:, :3])
   steps = [logits]
   for t in range(3, 16):
-    logits, state = decoder.apply({"params": params, **state}, tokens[:, t:t + 1],
-                                  mutable=["cache"])
+    logits, state = step({"params": params, **state}, tokens[:, t:t + 1])
     steps.append(logits)
   assert rel_error(np.concatenate(steps, 1), theirs) <= 1e-4
 

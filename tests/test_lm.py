@@ -1,4 +1,6 @@
 """The frozen LM: layer layout and xattn placement, KV-cache decoding, GQA, remat, config errors."""
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -105,20 +107,22 @@ def test_kv_cache_decoding_matches_full_forward(variant, with_xattn):
   if not with_xattn:
     visual = media_idx = None
   params = init(cfg, tokens, visual, media_idx, gates=0.5)
-  full = lm.LM(cfg).apply({"params": params}, tokens, visual, media_idx)
+  # Jitted throughout (one compile per call shape): eager dispatch dominated this test's time.
+  full = jax.jit(lm.LM(cfg).apply)({"params": params}, tokens, visual, media_idx)
 
   decoder = lm.LM(cfg, decode=True)
   max_len = 16
-  cache = decoder.init(jax.random.PRNGKey(0), jnp.zeros((2, max_len), jnp.int32), visual,
-                       None if media_idx is None else jnp.zeros((2, max_len), jnp.int32))["cache"]
+  cache = jax.jit(decoder.init)(
+      jax.random.PRNGKey(0), jnp.zeros((2, max_len), jnp.int32), visual,
+      None if media_idx is None else jnp.zeros((2, max_len), jnp.int32))["cache"]
   prompt = 7
   mi = lambda a, b: None if media_idx is None else media_idx[:, a:b]
-  logits, state = decoder.apply({"params": params, "cache": cache}, tokens[:, :prompt], visual,
-                                mi(0, prompt), mutable=["cache"])
+  step = jax.jit(functools.partial(decoder.apply, mutable=["cache"]))
+  logits, state = step({"params": params, "cache": cache}, tokens[:, :prompt], visual,
+                       mi(0, prompt))
   steps = [logits]
   for t in range(prompt, tokens.shape[1]):
-    logits, state = decoder.apply({"params": params, **state}, tokens[:, t:t + 1], None,
-                                  mi(t, t + 1), mutable=["cache"])
+    logits, state = step({"params": params, **state}, tokens[:, t:t + 1], None, mi(t, t + 1))
     steps.append(logits)
   np.testing.assert_allclose(jnp.concatenate(steps, 1), full, rtol=1e-4, atol=1e-4)
 

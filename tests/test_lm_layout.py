@@ -1,6 +1,7 @@
 """The frozen LM stored once, in the plain layout: regrouped for any xattn placement at load
 (`lm.to_layout`, `lm.to_plain`), and config.lm_init read in any layout (`load_backbones`)."""
 import dataclasses
+import functools
 
 import flax.linen as nn
 import jax
@@ -27,14 +28,23 @@ def assert_trees_equal(got, want):
     np.testing.assert_array_equal(got[path], want[path], err_msg=path)
 
 
+@functools.cache
+def _plain_lm():
+  """(plain LM params, their logits on test_lm.inputs()): the same for every placement, so
+  initialised and compiled once."""
+  plain_cfg = test_lm.make_cfg()
+  tokens, _, _ = test_lm.inputs()
+  plain = model_utils.init(lm.LM(plain_cfg), tokens)
+  return plain, jax.jit(lm.LM(plain_cfg).apply)({"params": plain}, tokens)
+
+
 @pytest.mark.parametrize("placement", ["paper", "open_flamingo"])
 @pytest.mark.parametrize("every", [1, 2, 3, 4])
 def test_regrouped_plain_lm_round_trips_and_keeps_its_logits(every, placement):
   """5 layers: prefix, groups and tail each present or not, depending on every and placement."""
-  plain_cfg = test_lm.make_cfg()
   cfg = test_lm.make_cfg(xattn=dict(every=every, placement=placement, num_heads=2, head_dim=8))
   tokens, visual, media_idx = test_lm.inputs()
-  plain = model_utils.init(lm.LM(plain_cfg), tokens)
+  plain, want = _plain_lm()
   fresh = test_lm.init(cfg, tokens, visual, media_idx, gates=0.0)
 
   grouped = lm.to_layout(plain, cfg)
@@ -44,7 +54,6 @@ def test_regrouped_plain_lm_round_trips_and_keeps_its_logits(every, placement):
   assert_trees_equal(lm.to_plain(grouped), plain)
   got = jax.jit(lm.LM(cfg).apply)({"params": state_lib.merge(fresh, grouped)}, tokens, visual,
                                   media_idx)
-  want = jax.jit(lm.LM(plain_cfg).apply)({"params": plain}, tokens)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 

@@ -178,7 +178,7 @@ def test_scanned_blocks_match_unrolled():
   scanned = nfnet.NFNet(nfnet.NFNetConfig(**kw))
   unrolled = nfnet.NFNet(nfnet.NFNetConfig(**kw, scan_blocks=False))
   images = jax.random.normal(jax.random.key(1), IMAGES.shape)
-  params = nn.meta.unbox(scanned.init(jax.random.key(0), images)["params"])
+  params = nn.meta.unbox(jax.jit(scanned.init)(jax.random.key(0), images)["params"])  # Eager: slow.
   params = jax.tree.map(lambda p: p + 0.5 if p.ndim == 0 else p, params)  # SkipInit gains != 0.
   assert "stages_1_block_2" in params  # Per-block parameter names, scanned or not.
   np.testing.assert_allclose(jax.jit(scanned.apply)({"params": params}, images),

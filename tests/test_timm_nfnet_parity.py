@@ -129,7 +129,7 @@ def test_export_loads_into_timm_strictly(kwargs):
   cfg = nfnet.NFNetConfig(**kwargs)
   model = nfnet.NFNet(cfg)
   images = np.random.RandomState(1).randn(2, 64, 48, 3).astype(np.float32)
-  params = nn.meta.unbox(model.init(jax.random.key(0), images))["params"]
+  params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(0), images))["params"]  # Eager: slow.
   # SkipInit gains start at 0, which would hide the residual branches.
   params = jax.tree_util.tree_map_with_path(
       lambda path, x: np.full_like(x, 0.7) if "skipinit" in jax.tree_util.keystr(path)
