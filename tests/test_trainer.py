@@ -17,16 +17,24 @@ from flamingo_jax.train.kinds import flamingo as flamingo_kind
 import train_helpers as helpers
 
 
-def _fake_setup(microbatches=1, weights=None):
-  """A 2-matrix 'model': frozen embedding table, trainable output head."""
-  vocab, dim = 11, 4
+VOCAB = 11
+
+
+def _fake_model():
+  """A 2-matrix 'model': frozen embedding table, trainable output head. (apply_fn, optimizer,
+  train state, frozen params)."""
   k1, k2 = jax.random.split(jax.random.PRNGKey(0))
-  frozen = {"embed": jax.random.normal(k1, (vocab, dim))}
-  params = {"head": jax.random.normal(k2, (dim, vocab))}
+  frozen = {"embed": jax.random.normal(k1, (VOCAB, 4))}
+  params = {"head": jax.random.normal(k2, (4, VOCAB))}
   apply_fn = lambda p, b: jnp.take(p["embed"], b["tokens"], axis=0) @ p["head"]
   tx = optax.adam(0.1)
   state = {"step": jnp.zeros((), jnp.int32), "rng": jax.random.PRNGKey(1), "params": params,
            "opt_state": tx.init(params)}
+  return apply_fn, tx, state, frozen
+
+
+def _fake_setup(microbatches=1, weights=None):
+  apply_fn, tx, state, frozen = _fake_model()
   weights = weights or {"a": 1.0, "b": 0.2}
   step = trainer.make_update_step(apply_fn, tx, weights, microbatches)
   return step, state, frozen
@@ -144,14 +152,8 @@ def test_sequence_loss_is_eq2_differs_from_the_token_mean_and_microbatches_match
   """Eq. (2): per dataset, the batch mean of each sequence's summed NLL. Between long documents
   and short captions it shifts the mixture towards the documents (by their ratio of target
   tokens) where the token mean does not; microbatching is exact for both."""
-  vocab, dim = 11, 4
-  k1, k2 = jax.random.split(jax.random.PRNGKey(0))
-  frozen = {"embed": jax.random.normal(k1, (vocab, dim))}
-  params = {"head": jax.random.normal(k2, (dim, vocab))}
-  apply_fn = lambda p, b: jnp.take(p["embed"], b["tokens"], axis=0) @ p["head"]
-  tx = optax.adam(0.1)
-  state = {"step": jnp.zeros((), jnp.int32), "rng": jax.random.PRNGKey(1), "params": params,
-           "opt_state": tx.init(params)}
+  apply_fn, tx, state, frozen = _fake_model()
+  params, vocab = state["params"], VOCAB
   rng = np.random.default_rng(0)
 
   def make(length, targets):  # 4 sequences of `targets` targets each; the last has none.
