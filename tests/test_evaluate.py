@@ -160,6 +160,9 @@ def test_launch_evaluates_benchmarks_in_training_and_from_the_command_line(tmp_p
   assert set(results["vqav2"]) == {f"vqa_accuracy/{k}shot{s}" for k in (0, 2) for s in ("", "/std")}
   assert results["vqav2"]["vqa_accuracy/2shot/std"] == 0.0  # RICES: every seed picks the same.
   assert list((base / "wd" / "eval_cache").glob("rices_vqav2_*.npy"))
+  saved = base / "wd" / "eval_predictions"  # Per run: the in-training coco's kept apart.
+  assert (saved / "vqav2" / "vqav2_2shot_seed1.json").exists()
+  assert (saved / "coco" / "coco_0shot_seed0.json").exists()
   tags = set()
   for path in (base / "wd" / "tensorboard").glob("events.*"):
     for event in summary_iterator.summary_iterator(str(path)):

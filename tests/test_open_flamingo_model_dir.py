@@ -278,8 +278,8 @@ def test_eval_predictions_equal_open_flamingo_evaluate(release, converted_dir, t
     settings = protocol.settings(config.evals[name], name)
     support, queries = ({ex.id: ex for ex in split} for split in protocol.data(settings, name))
     for k in (0, 2):
-      saved = json.loads((tmp_path / "run" / "eval_predictions" / f"{name}_{k}shot_seed0.json")
-                         .read_text())["predictions"]
+      path = tmp_path / "run" / "eval_predictions" / name / f"{name}_{k}shot_seed0.json"
+      saved = json.loads(path.read_text())["predictions"]
       texts, ids, predictions = _of_predictions(theirs, tok, name, saved, support, queries, k,
                                                 beam_size, settings.max_new_tokens)
       assert [r["prompt"] for r in saved] == texts

@@ -10,6 +10,7 @@
 Results go to workdir/eval.json and TensorBoard (workdir/tensorboard, as `eval/<name>/<metric>` at
 the checkpoint's step) and are returned.
 """
+import dataclasses
 import json
 import os
 from typing import Callable
@@ -101,6 +102,13 @@ def context(config, model, params, workdir: str) -> tasks.Context:
                        os.path.join(workdir, "eval_predictions"))
 
 
+def _run(name: str, task, ctx: tasks.Context) -> dict[str, float]:
+  """Run `name` of config.evals; its predictions go to WORKDIR/eval_predictions/<name>/, so two
+  runs of one task type keep theirs apart."""
+  ctx = dataclasses.replace(ctx, predictions_dir=os.path.join(ctx.predictions_dir, name))
+  return tasks.get(task.type)(task, ctx)
+
+
 def selected(config, only=None) -> dict[str, ml_collections.ConfigDict]:
   """config.evals (or its entries named in `only`), each checked before anything is computed."""
   evals = dict(config.get("evals") or {})
@@ -140,7 +148,7 @@ def few_shot(config, model, params, workdir: str, evals) -> dict[str, dict[str, 
     raise ValueError("config.evals is empty: nothing to evaluate. Add a benchmark, e.g. "
                      "launch.py --mode=eval --benchmark=coco:/data/coco.")
   ctx = context(config, model, params, workdir)
-  return {name: tasks.get(task.type)(task, ctx) for name, task in evals.items()}
+  return {name: _run(name, task, ctx) for name, task in evals.items()}
 
 
 def periodic(config, workdir: str) -> Callable[[int, dict], dict[str, float]] | None:
@@ -163,7 +171,7 @@ def periodic(config, workdir: str) -> Callable[[int, dict], dict[str, float]] | 
         continue
       ctx = ctx or context(config, model, params, workdir)
       logging.info("Eval %s at step %d.", name, step)
-      out.update({f"eval/{name}/{k}": v for k, v in tasks.get(task.type)(task, ctx).items()})
+      out.update({f"eval/{name}/{k}": v for k, v in _run(name, task, ctx).items()})
     return out
   return run
 
