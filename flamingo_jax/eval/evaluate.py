@@ -161,15 +161,15 @@ def periodic(config, workdir: str) -> Callable[[int, dict], dict[str, float]] | 
   if not due:
     return None
   due = selected(config, due)  # Runs for --mode=eval only may leave their files unset.
-  model = kinds.get(config.model_name).model(config)
+  # Tokenizer and preprocessing once; each evaluation brings the current parameters.
+  base = context(config, kinds.get(config.model_name).model(config), None, workdir)
 
   def run(step: int, params) -> dict[str, float]:
     out = {}
-    ctx = None
+    ctx = dataclasses.replace(base, params=params)
     for name, task in due.items():
       if step % task.every_steps and step != config.total_steps:
         continue
-      ctx = ctx or context(config, model, params, workdir)
       logging.info("Eval %s at step %d.", name, step)
       out.update({f"eval/{name}/{k}": v for k, v in _run(name, task, ctx).items()})
     return out
