@@ -9,18 +9,21 @@ import tarfile
 
 import av
 from etils import epath
+from flax.traverse_util import flatten_dict
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from flamingo_jax.configs import flamingo_3b
 from flamingo_jax.data import mixture
 from flamingo_jax.data import pp
 from flamingo_jax.data import tokenizer as tokenizer_lib
 from flamingo_jax.data.prepare import __main__ as cli
 from flamingo_jax.data.prepare import records
 from flamingo_jax.data.prepare import writer
+from flamingo_jax.models import param_count
 from test_gcs_workdir import gcs  # noqa: F401  (the GCS emulator fixture)
 import train_helpers as helpers
 
@@ -153,6 +156,49 @@ def test_interleaved_webdataset(tmp_path, tok):
   assert [color_of(i) for i in doc['images']] == ['green']
 
 
+def test_interleaved_jsonl_with_images_in_tar_shards(tmp_path, tok):
+  """MMC4/OBELICS as downloaded: JSONL documents, their images in separate tar shards named by
+  member path, file name or key; a missing member is counted, a corrupt one too."""
+  images = tmp_path / 'images'
+  images.mkdir()
+  write_tar(images / '000.tar', {'part/red.png': image_bytes('red'),
+                                 'part/blue.jpg': image_bytes('blue', (400, 330), 'JPEG'),
+                                 'part/blue.txt': b'not media, not indexed'})
+  write_tar(images / '001.tar', {'green.jpg': image_bytes('green', fmt='JPEG'),
+                                 'bad.jpg': b'not an image'})
+  jsonl(tmp_path / 'docs.jsonl', [
+      {'texts': ['intro', None, 'a red square'], 'images': [None, 'part/red.png', None]},
+      {'text_list': ['a cat', 'a dog'],
+       'image_info': [{'image_name': 'blue.jpg', 'matched_text_index': 0},
+                      {'image_name': 'green', 'matched_text_index': 1}]},
+      {'texts': ['intro', None], 'images': [None, 'gone.jpg']},  # missing_file
+      {'texts': [None, 'a cat'], 'images': ['bad.jpg', None]},  # unreadable_image
+  ])
+  out = tmp_path / 'out'
+  report = cli.main(['interleaved', f'--src={tmp_path}/docs.jsonl', f'--out={out}',
+                     '--name=tar_docs', f'--images={images}/*.tar', '--max_size=64',
+                     '--rows_per_shard=2', '--num_workers=2'])
+  assert report['records_written'] == 2
+  assert skipped(report) == {'missing_file': 1, 'unreadable_image': 1}
+  assert report['skipped']['missing_file']['examples'] == ['gone.jpg']
+  assert report['skipped']['unreadable_image']['examples'][0].endswith('bad.jpg')
+  (obelics, mmc4), _ = read('tar_docs', out, DOC_PP, tok)
+  assert [color_of(i) for i in obelics['images']] == ['red']
+  assert [color_of(i) for i in mmc4['images']] == ['blue', 'green']
+  assert mmc4['images'][0].shape == (53, 64, 3)  # --max_size applies to members too.
+
+
+def test_images_in_two_tar_shards_is_an_error(tmp_path):
+  (tmp_path / 'images').mkdir()
+  for shard in ('000', '001'):
+    write_tar(tmp_path / 'images' / f'{shard}.tar', {'red.png': image_bytes('red')})
+  jsonl(tmp_path / 'docs.jsonl', [{'texts': [None, 'a'], 'images': ['red.png', None]}])
+  with pytest.raises(ValueError, match=r"'red.png' is in the shards twice: .*000.tar:red.png and "
+                                       r".*001.tar:red.png"):
+    writer.prepare('interleaved', str(tmp_path / 'docs.jsonl'), str(tmp_path / 'out'), 'twice',
+                   options=records.Options(), images=str(tmp_path / 'images'))
+
+
 PAIR_PP = 'decode|resize_pad(8)|value_range(-1, 1)|tokenize_pair(max_len=8)'
 
 
@@ -275,22 +321,41 @@ def test_resume_redoes_only_unfinished_shards(documents, tmp_path, monkeypatch):
                    options=records.Options(max_size=8), rows_per_shard=3)
 
 
-def test_gs_src_and_out(gcs, tmp_path, tok):  # noqa: F811
-  """--src and --out on gs:// (a local GCS emulator): tables with relative paths, and tars."""
+def test_gs_src_and_out(gcs, monkeypatch, tok):  # noqa: F811
+  """--src, --images and --out on gs:// (a local GCS emulator), read back from gs:// as the
+  trainer reads it: tables with relative paths, tar samples, and images in a tar shard."""
   src, out = epath.Path('gs://bucket/src'), epath.Path('gs://bucket/data')
   (src / 'red.png').write_bytes(image_bytes('red'))
   (src / 'pairs.csv').write_text('image_path,caption\nred.png,a red cat\n')
   write_tar(src / '000.tar', {'a.jpg': image_bytes('blue', fmt='JPEG'), 'a.txt': b'a blue dog'})
   report = writer.prepare('pairs', str(src), str(out), 'gs_pairs', options=records.Options())
   assert report['records_written'] == 2 and not report['skipped']
-  # array_record's own GCS client does not reach the emulator: read a local copy.
-  local = tmp_path / 'data' / 'gs_pairs' / '1.0.0'
-  local.mkdir(parents=True)
-  for file in (out / 'gs_pairs' / '1.0.0').iterdir():
-    if file.is_file():
-      (local / file.name).write_bytes(file.read_bytes())
-  examples, _ = read('gs_pairs', tmp_path / 'data', PAIR_PP, tok)
+  write_tar(src / 'images' / '000.tar', {'green.png': image_bytes('green')})
+  jsonl(src / 'docs.jsonl', [{'texts': [None, 'a cat'], 'images': ['green.png', None]}])
+  writer.prepare('interleaved', str(src / 'docs.jsonl'), str(out), 'gs_docs',
+                 options=records.Options(), images=str(src / 'images' / '*.tar'))
+  # array_record reads gs:// with google-cloud-cpp, which takes the emulator from this variable.
+  monkeypatch.setenv('CLOUD_STORAGE_EMULATOR_ENDPOINT', gcs['STORAGE_EMULATOR_HOST'])
+  examples, _ = read('gs_pairs', out, PAIR_PP, tok)
   assert [e['caption'].decode() for e in examples] == ['a blue dog', 'a red cat']  # Sorted files.
+  (doc,), _ = read('gs_docs', out, DOC_PP, tok)
+  assert [color_of(i) for i in doc['images']] == ['green']
+
+
+def test_tiny_3b_config_keeps_the_3b_structure():
+  """flamingo_3b.py:tiny (README "Train on your own data"): the 3B's fields, layers and xattn
+  placement at tiny sizes, its vocabulary the tokenizer's."""
+  full, tiny = flamingo_3b.get_config(), flamingo_3b.get_config('tiny,vocab=300')
+  for part in ('lm', 'resampler'):  # The vision backbone: a small NFNet in place of F6.
+    assert flatten_dict(tiny.model[part].to_dict()).keys() == flatten_dict(
+        full.model[part].to_dict()).keys()
+  assert tiny.input.datasets.keys() == full.input.datasets.keys() and not tiny.evals
+  assert tiny.input.datasets.m3w.pp == full.input.datasets.m3w.pp.replace('320', '64')
+  params = flatten_dict(param_count.abstract_params(tiny.model, tiny.image_size), sep='/')
+  xattn = {k: v.shape for k, v in params.items() if k.startswith('lm/groups/xattn/')}
+  assert xattn and all(shape[0] == tiny.model.lm.num_layers for shape in xattn.values())
+  assert params['resampler/latents'].shape == (8, 32)  # Perceiver Resampler.
+  assert 'vision/stem_conv1/kernel' in params and params['lm/token_embed'].shape == (300, 32)
 
 
 @pytest.mark.slow

@@ -1,7 +1,7 @@
 """Prepares your own data as a TFDS dataset the trainer reads with no code.
 
   python -m flamingo_jax.data.prepare {interleaved,pairs,video} --src=SRC --out=DATA_DIR \
-      --name=NAME [--max_size=PIXELS] [--rows_per_shard=1000] [--num_workers=CORES]
+      --name=NAME [--images=TARS] [--max_size=PIXELS] [--rows_per_shard=1000] [--num_workers=CORES]
       [--fps=1 --max_frames=32 --min_frames=2]
 
 then train on it with, e.g.
@@ -9,7 +9,8 @@ then train on it with, e.g.
   --config.input.datasets.docs.split=train
 
 --src (a file, a folder, or a glob such as 'shards/*.tar'; local or gs://, as --out):
-  interleaved  JSONL of MMC4 or OBELICS documents (images: paths relative to the JSONL), or
+  interleaved  JSONL of MMC4 or OBELICS documents (images: paths relative to the JSONL, or members
+               of the --images tars), or
                WebDataset tars whose `{key}.json` is such a document naming members of its sample
                ('{key}.0.jpg' or '0.jpg').
   pairs        CSV/TSV/Parquet/JSONL with `image_path` and `caption` (paths relative to the table),
@@ -18,6 +19,8 @@ then train on it with, e.g.
   video        CSV/TSV/Parquet/JSONL with `video_path` and `caption`, or WebDataset tars:
                `{key}.mp4|webm|mkv|mov|avi` with `{key}.txt` or `{key}.json` "caption". Frames are
                kept at --fps (the paper's 1 FPS), at most --max_frames of them.
+--images: comma-separated tar files or globs (local or gs://) holding the media a table names, by
+  member path, file name or key ('x.jpg' or 'x' for 'part/x.jpg'); instead of files beside it.
 --max_size: longer side of stored images and frames (default 0: as they are); images otherwise
   keep their encoded bytes (records.py, encode.py).
 
@@ -43,6 +46,7 @@ def _parser() -> argparse.ArgumentParser:
   parser.add_argument('--src', required=True, help='input file, folder or glob')
   parser.add_argument('--out', required=True, help='the TFDS data_dir to write into')
   parser.add_argument('--name', required=True, help='the dataset name (config tfds_name)')
+  parser.add_argument('--images', default='', help='tar files or globs holding the media')
   defaults = records.Options()
   parser.add_argument('--max_size', type=int, default=defaults.max_size)
   parser.add_argument('--fps', type=float, default=defaults.fps)
@@ -68,7 +72,8 @@ def main(argv: list[str] | None = None) -> dict:
   options = records.Options(max_size=args.max_size, fps=args.fps, max_frames=args.max_frames,
                             min_frames=args.min_frames)
   report = writer.prepare(args.kind, args.src, args.out, args.name, options=options,
-                          rows_per_shard=args.rows_per_shard, num_workers=args.num_workers)
+                          rows_per_shard=args.rows_per_shard, num_workers=args.num_workers,
+                          images=args.images)
   print(report_lib.text(report))
   return report
 

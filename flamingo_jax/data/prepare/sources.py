@@ -2,8 +2,9 @@
 
 `doc` is a dict (a table row, a JSONL line, or a WebDataset sample's `{key}.json` with its
 `{key}.txt` as 'caption'); `load(ref)` returns the bytes of the media file `ref` names: a path
-relative to the table's folder (or absolute, or gs://) for tables, a member of the same sample for
-tar shards. What each kind makes of them is records.py's business.
+relative to the table's folder (or absolute, or gs://) for tables, or a member of the `--images`
+tar shards (media_shards.py); a member of the same sample for tar shards. What each kind makes of
+them is records.py's business.
 
 A shard is the unit of work (and of resume): one tar file, or `rows_per_shard` rows of one table
 (JSONL, CSV, TSV or Parquet). Problems with one sample are counted in `skips` and reading goes on;
@@ -22,6 +23,7 @@ from etils import epath
 import pyarrow.parquet as pq
 
 from flamingo_jax import paths  # noqa: F401  (pins epath's gs:// to gcsfs before first use)
+from flamingo_jax.data.prepare import media_shards
 from flamingo_jax.data.prepare.report import Skip, Skips
 
 TABLES = ('.jsonl', '.csv', '.tsv', '.parquet')
@@ -36,9 +38,13 @@ def _format(path: str) -> str:
   return ''
 
 
-def list_files(src: str) -> list[str]:
-  """The input files `src` names: one file, a folder's table and tar files (not recursive), or a
-  glob in its last component (`shards/*.tar`)."""
+def is_tar(path: str) -> bool:
+  return _format(path) in TARS
+
+
+def list_files(src: str, flag: str = '--src') -> list[str]:
+  """The input files `src` (given as `flag`) names: one file, a folder's table and tar files (not
+  recursive), or a glob in its last component (`shards/*.tar`)."""
   path = epath.Path(src)
   if any(c in path.name for c in '*?['):
     files = sorted(path.parent.glob(path.name))
@@ -48,11 +54,11 @@ def list_files(src: str) -> list[str]:
     files = [path] if path.exists() else []
   files = [os.fspath(p) for p in files]
   if not files:
-    raise ValueError(f'--src={src!r}: no input files; expected a file, a folder or a glob of '
+    raise ValueError(f'{flag}={src!r}: no input files; expected a file, a folder or a glob of '
                      f'{", ".join(TABLES + TARS)} files.')
   unknown = [f for f in files if not _format(f)]
   if unknown:
-    raise ValueError(f'--src={src!r}: {unknown[:3]} have no known suffix; expected one of '
+    raise ValueError(f'{flag}={src!r}: {unknown[:3]} have no known suffix; expected one of '
                      f'{", ".join(TABLES + TARS)}.')
   return files
 
@@ -123,8 +129,9 @@ def _jsonl(shard: dict) -> Iterator[tuple[int, bytes]]:
         yield i, line
 
 
-def _rows(shard: dict, skips: Skips) -> Iterator[Sample]:
-  path, load = shard['path'], _file_loader(epath.Path(shard['path']).parent)
+def _rows(shard: dict, skips: Skips, images: tuple[str, ...]) -> Iterator[Sample]:
+  path = shard['path']
+  load = media_shards.loader(images) if images else _file_loader(epath.Path(path).parent)
   if _format(path) == '.jsonl':
     rows = _jsonl(shard)
   else:
@@ -208,6 +215,8 @@ def _groups(shard: dict, skips: Skips) -> Iterator[Sample]:
       skips.add(s.reason, s.name)
 
 
-def samples(shard: dict, skips: Skips) -> Iterator[Sample]:
-  """The samples of one shard (see the module docstring)."""
-  return (_groups if _format(shard['path']) in TARS else _rows)(shard, skips)
+def samples(shard: dict, skips: Skips, images: tuple[str, ...] = ()) -> Iterator[Sample]:
+  """The samples of one shard (see the module docstring); `images`: the --images tar files."""
+  if _format(shard['path']) in TARS:
+    return _groups(shard, skips)
+  return _rows(shard, skips, images)

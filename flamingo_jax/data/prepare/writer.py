@@ -12,8 +12,9 @@ A shard is written to a local temporary file, copied into place (local or gs://)
 marked done, so an interrupted run redoes exactly the shards without a marker.
 
 Shards are independent (`write_shard(job)`), so spreading them beyond one machine's processes only
-needs a runner that maps write_shard over the jobs. Apache Beam is not that runner yet: its current
-release (2.77) pins protobuf < 7, pillow < 13 and pyarrow < 26, below the versions installed here.
+needs a runner that maps write_shard over the jobs. Apache Beam is not that runner yet: every
+release from 2.60 to 2.77 would downgrade protobuf (7 -> 6.33 or older) and pyarrow (26 -> 25 or
+older), from 2.72 also pillow (13 -> 12.3) (`pip install --dry-run`, December 2026).
 """
 import dataclasses
 import json
@@ -44,6 +45,7 @@ class Job:
   num_shards: int
   shard: dict
   options: records.Options
+  images: tuple[str, ...] = ()  # The --images tar files.
 
 
 def shard_path(dataset_dir, name: str, index: int, num_shards: int) -> epath.Path:
@@ -60,7 +62,7 @@ def write_shard(job: Job) -> dict:
   with tempfile.TemporaryDirectory() as tmp:
     local = os.path.join(tmp, 'shard.array_record')
     writer = array_record_module.ArrayRecordWriter(local, 'group_size:1')  # As TFDS writes them.
-    for name, doc, load in sources.samples(job.shard, skips):
+    for name, doc, load in sources.samples(job.shard, skips, job.images):
       try:
         example = records.record(job.kind, doc, load, name, job.options)
       except report_lib.Skip as s:
@@ -108,10 +110,12 @@ def _write_info(kind: str, name: str, dataset_dir: epath.Path, shard_lengths: li
 
 
 def prepare(kind: str, src: str, out: str, name: str, *, options: records.Options,
-            rows_per_shard: int = 1000, num_workers: int = 0) -> dict:
+            rows_per_shard: int = 1000, num_workers: int = 0, images: str = '') -> dict:
   """Prepares (or resumes, or just reports) dataset `name` under `out`; returns the report.
 
   num_workers: processes writing shards in parallel (0: in this process).
+  images: comma-separated tar files or globs holding the media that a table's references name
+    (sources.py, media_shards.py); '' for media files beside the table.
   """
   if kind not in records.KINDS:
     raise ValueError(f'kind={kind!r}; expected one of {records.KINDS}.')
@@ -119,12 +123,18 @@ def prepare(kind: str, src: str, out: str, name: str, *, options: records.Option
     raise ValueError(f'--rows_per_shard={rows_per_shard}; expected at least 1.')
   dataset_dir = epath.Path(out) / name / VERSION
   shards = sources.plan(src, rows_per_shard, records.COLUMNS[kind])
-  _check_plan(dataset_dir, {'kind': kind, 'shards': shards,
-                            'options': dataclasses.asdict(options)})
+  files = tuple(f for glob in filter(None, images.split(","))
+                for f in sources.list_files(glob, '--images'))
+  tars = [s['path'] for s in shards if sources.is_tar(s['path'])]
+  if files and tars:
+    raise ValueError(f'--images with --src={src!r}: {tars[0]} is a tar, whose samples hold their '
+                     'own media; --images is for tables (JSONL, CSV, TSV, Parquet).')
+  plan = {'kind': kind, 'shards': shards, 'options': dataclasses.asdict(options)}
+  _check_plan(dataset_dir, {**plan, 'images': list(files)} if files else plan)
   report_path = dataset_dir / 'prepare_report.json'
   if report_path.exists():
     return json.loads(report_path.read_text())
-  jobs = [Job(kind, name, os.fspath(dataset_dir), i, len(shards), shard, options)
+  jobs = [Job(kind, name, os.fspath(dataset_dir), i, len(shards), shard, options, files)
           for i, shard in enumerate(shards) if not _marker(dataset_dir, i).exists()]
   bar = tqdm.tqdm(total=len(shards), initial=len(shards) - len(jobs), unit='shard',
                   desc=f'prepare {name}')
