@@ -107,3 +107,50 @@ def test_a_stage_stopped_early_ends_the_demo(monkeypatch):
   monkeypatch.setattr(run.trainer, "train", lambda c, w: (
       {"step": np.int32(config.total_steps), "params": {"a": 1}}, None, {}))
   assert run._stage("stage 1", config, "unused", {}) == ({"a": 1}, False)  # pylint: disable=protected-access
+
+
+def _tiny_encoder(seed: int, strides=(1, 2, 1, 1)):
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  from flamingo_jax.configs import demo as demo_config  # pylint: disable=g-import-not-at-top
+  from flamingo_jax.models import nfnet  # pylint: disable=g-import-not-at-top
+  cfg = nfnet.nfnet_config(**{**demo_config.vision(), "strides": strides})
+  params = nn.unbox(jax.jit(nfnet.NFNet(cfg).init)(jax.random.PRNGKey(seed),
+                                                  np.zeros((1, 32, 32, 3), np.float32)))["params"]
+  return cfg, params
+
+
+def test_feature_cache_encodes_each_image_once_under_its_encoders_key(tmp_path):
+  """features.py: a 4x4 grid at 32 px with strides (1, 2, 1, 1); each image is encoded once, a
+  re-read cache gives the same features, and another encoder (weights or grid) has another key."""
+  from flamingo_jax.demo import features  # pylint: disable=g-import-not-at-top
+  from flamingo_jax.models import nfnet  # pylint: disable=g-import-not-at-top
+  cfg, params = _tiny_encoder(0)
+  cache = features.FeatureCache(features.cache_key(cfg, params), cfg, params, str(tmp_path))
+  images = np.random.default_rng(0).uniform(-1, 1, (2, 3, 1, 32, 32, 3)).astype(np.float32)
+  images[1, 2] = images[0, 0]  # The same image twice.
+  out = cache(images)
+  assert out.shape == (2, 3, 1, 16, 128) and cache.misses == 5 and cache.hits == 1
+  want = nfnet.NFNet(cfg).apply({"params": params}, images[0, :, 0])
+  np.testing.assert_allclose(out[0, :, 0], want.reshape(3, 16, 128), atol=1e-5, rtol=1e-5)
+  np.testing.assert_array_equal(cache(images[:1]), out[:1])
+  assert cache.misses == 5 and cache.hits == 4
+  cache.save()
+  again = features.FeatureCache(cache.key, cfg, params, str(tmp_path))
+  assert len(again) == 5 and np.array_equal(again(images), out) and again.misses == 0
+  other_cfg, other_params = _tiny_encoder(1)
+  assert features.cache_key(other_cfg, other_params) != cache.key
+  coarse_cfg, _ = _tiny_encoder(0, strides=(1, 2, 2, 2))
+  assert features.cache_key(coarse_cfg, params) != cache.key
+
+
+def test_visual_features_pp_op_replaces_images():
+  from flamingo_jax.demo import features  # pylint: disable=g-import-not-at-top
+  cfg, params = _tiny_encoder(0)
+  cache = features.get(cfg, params)
+  op = pp.build(f"visual_features('{cache.key}')")
+  images = np.zeros((5, 1, 32, 32, 3), np.float32)
+  out = op({"images": images, "tokens": np.zeros(4, np.int32)})
+  assert "images" not in out and out["features"].shape == (5, 1, 16, 128)
+  with pytest.raises(ValueError, match="no feature cache 'nope'"):
+    pp.build("visual_features('nope')")

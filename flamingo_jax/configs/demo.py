@@ -26,7 +26,10 @@ IMG_PP = f"decode|resize_pad({IMAGE_SIZE})|value_range(-1, 1)"
 
 
 def vision() -> dict:
-  """A tiny NFNet (1x1 feature grid at 32 px), shared by stage 1 and stage 3."""
+  """A tiny NFNet (1x1 feature grid at 32 px), shared by stage 1 and stage 3.
+
+  strides=(1, 2, 1, 1) gives a 4x4 grid at 32 px from the same weights (models/nfnet.py).
+  """
   return dict(variant="F0", depths=(1, 1, 1, 1), channels=(16, 32, 64, 96), stem_chs=16,
               group_size=8, num_features=128)
 
@@ -67,11 +70,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # so there is nothing to resample, and the Perceiver's 8 latents (a 2-layer Perceiver, the
   # resampler sweep's `perceiver` variant) learned in-context naming on 1 of 3 stage-1 encoders
   # (4-shot 0.62, 0.47, 0.23) where this MLP learned it on all 3 (0.79, 0.71, 0.80; README).
+  # Over a 4x4 grid (vision strides (1, 2, 1, 1)) the Perceiver learned it in none of 5 settings
+  # where the MLP did (docs/DEMO_RESULTS.md, 2026-12-04): the grid is not the cause.
   config.model = ml_collections.ConfigDict(dict(
       vision=vision(),
       resampler=dict(kind="mlp", dim=64, num_latents=1, ffw_mult=2, activation="sqrelu"),
       lm=lm(xattn=True), dtype="float32", param_dtype="float32", remat_policy="none"))
   config.image_size = IMAGE_SIZE
+  # True: the frozen NFNet's features are computed once per image and cached under a hash of its
+  # config and weights (flamingo_jax/demo/features.py; workdir/features/<key>.npz), and stage 3
+  # trains on them (the flamingo kind's `features`). Off until the end-to-end test has run with it.
+  config.cache_features = False
   config.optim.no_decay = r"^resampler/|_gate$"
   # The tanh gates start at 0; at this scale they need a larger step to open within the run. With
   # perfect per-shape features instead of the NFNet's, stage 3 learns in-context naming at lr 3e-3

@@ -9,5 +9,6 @@ tasks `names`, `vqa` and `captioning` on shapes_fewshot (tasks.py). run.py runs 
 report.py writes workdir/report.md.
 """
 from flamingo_jax.demo import datasets  # noqa: F401  (registers the TFDS builders)
+from flamingo_jax.demo import features  # noqa: F401  (registers the pp op visual_features)
 from flamingo_jax.demo import pp_ops  # noqa: F401  (registers the pp ops)
 from flamingo_jax.demo import tasks  # noqa: F401  (registers the eval tasks)

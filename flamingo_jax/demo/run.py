@@ -23,6 +23,7 @@ from flamingo_jax.configs import lm_pretrain
 from flamingo_jax.configs import nfnet_contrastive
 from flamingo_jax.data import tokenizer as tokenizer_lib
 from flamingo_jax.demo import datasets
+from flamingo_jax.demo import features
 from flamingo_jax.demo import report
 from flamingo_jax.eval import evaluate
 from flamingo_jax.eval import fewshot as fewshot_lib
@@ -38,15 +39,21 @@ def backbone_paths(workdir: str) -> tuple[str, str, str]:
 def stage3(config, workdir: str, stage_dir: str, seconds: dict) -> dict:
   """Trains `config` (configs/demo.py) in `stage_dir` on `workdir`'s tokenizer and frozen stage-1/2
   checkpoints (a config.lm_init already set is kept), then returns its few-shot results.
-
-  experiments/sweep.py runs the paper's ablations through here.
   """
   config.input.tokenizer, config.vision_init, lm_init = backbone_paths(workdir)
   config.lm_init = config.lm_init or lm_init
+  cache = None
+  if config.get("cache_features"):  # The frozen NFNet's features, once per image (features.py).
+    cache = features.get(*features.load_vision(config), os.path.join(workdir, "features"))
+    features.with_features(config, cache.key)
   _, trained = _stage("stage 3: Flamingo", config, stage_dir, seconds)
   start = time.perf_counter()
   fewshot = _evaluate(config, stage_dir, trained)
   seconds["few-shot evaluation"] = time.perf_counter() - start
+  if cache is not None:
+    logging.info("Feature cache %s: %d images encoded, %d reused.", cache.key, cache.misses,
+                  cache.hits)
+    cache.save()
   return fewshot
 
 

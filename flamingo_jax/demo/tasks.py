@@ -10,13 +10,16 @@ max_new_tokens).
 import logging
 from typing import Callable, Sequence
 
+import jax
 import numpy as np
 
+from flamingo_jax.demo import features
 from flamingo_jax.demo.datasets import shapes_fewshot
 from flamingo_jax.eval import decode
 from flamingo_jax.eval import evaluate
 from flamingo_jax.eval import fewshot
 from flamingo_jax.eval import tasks
+from flamingo_jax.models import nfnet
 
 
 def evaluate_names(model, params, tokenizer, data, shots: Sequence[int] = fewshot.SHOTS, *,
@@ -27,13 +30,14 @@ def evaluate_names(model, params, tokenizer, data, shots: Sequence[int] = fewsho
   context or the episode's support are left out (logged).
   """
   template = shapes_fewshot.NAME_TEMPLATE
+  visual_tokens = _visual_tokens(model, params)
   correct, skipped = {k: [] for k in shots}, set()
   chance = []
   for ep in data["test"]:
     choices = [fewshot.text(c) for c in ep["choices"]]
     texts = [template.format(fewshot.text(n)) for n in ep["support_names"]]
     images = preprocess(np.concatenate([ep["support_images"], ep["query_images"]]))
-    visual = decode.visual_tokens(model, params, images[None, :, None])[0]  # [S + Q, R, D]
+    visual = visual_tokens(images[None, :, None])[0]  # [S + Q, R, D]
     support, queries = visual[:len(texts)], visual[len(texts):]
     labels = [choices.index(fewshot.text(n)) for n in ep["query_names"]]
     chance.append(1.0 / len(choices))
@@ -51,6 +55,18 @@ def evaluate_names(model, params, tokenizer, data, shots: Sequence[int] = fewsho
     logging.info("names: shots %s left out (support or context too short).", sorted(skipped))
   out = {f"accuracy/{k}shot": float(np.mean(correct[k])) for k in shots if k not in skipped}
   return {**out, "chance": float(np.mean(chance))}
+
+
+def _visual_tokens(model, params) -> Callable:
+  """images [B, N, T, H, W, 3] -> visual tokens [B, N, R, D]: through the feature cache of this
+  model's frozen NFNet when this process made one (stage 3 does), else through the encoder."""
+  cache = (features.find(model.vision, params["vision"])
+           if "vision" in params and isinstance(model.vision, nfnet.NFNetConfig) else None)
+  if cache is not None:
+    connector = jax.jit(lambda p, f: model.apply(
+        {"params": p}, f, method=lambda m, x: m.visual_connector(x)))
+    return lambda images: connector(params, cache(np.asarray(images)))
+  return lambda images: decode.visual_tokens(model, params, images)
 
 
 @tasks.register("shapes_names")

@@ -56,6 +56,9 @@ class NFNetConfig:
   """
   depths: Sequence[int] = _F0_DEPTHS
   channels: Sequence[int] = (256, 512, 1536, 1536)
+  # Each stage's stride (its first block's): the grid is H / (4 * prod(strides)). A smaller one
+  # gives a finer grid from the same weights (the demo's 4x4 at 32 px: (1, 2, 1, 1)).
+  strides: Sequence[int] = (1, 2, 2, 2)
   stem_chs: int = 128
   group_size: int = 128
   bottle_ratio: float = 0.5
@@ -86,7 +89,7 @@ def nfnet_config(variant: str, **overrides) -> NFNetConfig:
   unknown = set(overrides) - {f.name for f in dataclasses.fields(NFNetConfig)}
   if unknown:
     raise ValueError(f"overrides: unknown NFNet fields {sorted(unknown)}.")
-  for field in ("mean", "std"):  # Configs may hold lists; the config must stay hashable.
+  for field in ("mean", "std", "strides"):  # Configs may hold lists; it must stay hashable.
     if field in overrides:
       overrides[field] = tuple(overrides[field])
   # F_n differs from F0 (NFNetConfig's defaults) only in its depths.
@@ -242,8 +245,9 @@ class NFNet(nn.Module):
     cfg = self.config
     if images.ndim != 4 or images.shape[-1] != 3:
       raise ValueError(f"images: expected [B, H, W, 3], got shape {images.shape}.")
-    if len(cfg.depths) != len(cfg.channels):
-      raise ValueError(f"depths {cfg.depths} and channels {cfg.channels} differ in length.")
+    if not len(cfg.depths) == len(cfg.channels) == len(cfg.strides):
+      raise ValueError(f"depths {cfg.depths}, channels {cfg.channels} and strides {cfg.strides} "
+                       "differ in length.")
     for field, value in (("stem_chs", cfg.stem_chs), ("num_features", cfg.num_features),
                          *(("channels", c) for c in cfg.channels)):
       if value <= 0 or value % 8:
@@ -261,11 +265,11 @@ class NFNet(nn.Module):
     num_blocks = sum(cfg.depths)
     block_idx = 0
     expected_var = 1.0
-    for stage, (depth, features) in enumerate(zip(cfg.depths, cfg.channels)):
+    for stage, (depth, features, stride) in enumerate(zip(cfg.depths, cfg.channels, cfg.strides)):
       blocks = []
       for b in range(depth):
         blocks.append(NFBlock(
-            features, strides=2 if stage and not b else 1, beta=expected_var**-0.5,
+            features, strides=1 if b else stride, beta=expected_var**-0.5,
             alpha=cfg.alpha, group_size=cfg.group_size, bottle_ratio=cfg.bottle_ratio,
             se_ratio=cfg.se_ratio,
             drop_path_rate=cfg.drop_path_rate * block_idx / max(num_blocks - 1, 1),

@@ -35,7 +35,10 @@ def init_inputs(config):
 
 
 def apply(module, params, batch):
-  return module.apply({"params": params}, batch["images"], batch["tokens"], batch["media_idx"])
+  """The model on a batch of images, or of their precomputed frozen 'features' [B, N, T, S, C]
+  (the demo's feature cache, flamingo_jax/demo/features.py)."""
+  return module.apply({"params": params}, batch.get("images"), batch["tokens"], batch["media_idx"],
+                      features=batch.get("features"))
 
 
 LOSS_NORMALIZATIONS = ("token", "sequence")
