@@ -52,6 +52,13 @@ def test_open_flamingo_placement(layers, every):
   assert lm.xattn_layer_indices(cfg) == [i for i in range(layers) if (i + 1) % every == 0]
 
 
+@pytest.mark.parametrize("layers,expected", [(24, 12), (5, 2), (1, 0)])
+def test_single_in_middle_placement(layers, expected):
+  """Table 3's "single in middle": one block, before layer num_layers // 2; `every` unused."""
+  cfg = make_cfg(num_layers=layers, xattn=dict(every=1, placement="middle"))
+  assert lm.xattn_layer_indices(cfg) == [expected]
+
+
 def unstack(tree):
   """The trees along the leading axis of a stacked tree."""
   n = jax.tree_util.tree_leaves(tree)[0].shape[0]
@@ -78,7 +85,7 @@ def reference_forward(cfg, params, tokens, visual, media_idx):
 
 
 @pytest.mark.parametrize("placement,every", [("paper", 2), ("paper", 1), ("open_flamingo", 2),
-                                             ("paper", 5)])
+                                             ("paper", 5), ("middle", 1)])
 def test_scanned_layout_matches_a_plain_layer_loop(placement, every):
   cfg = make_cfg(tied_embeddings=True, xattn=dict(every=every, placement=placement, num_heads=2,
                                                    head_dim=8))
@@ -176,7 +183,7 @@ def test_new_token_rows_are_separate_from_the_frozen_table():
     (dict(position="sinusoid"), "position"),
     (dict(activation="swish2"), "activation"),
     (dict(xattn=dict(every=9)), "every"),
-    (dict(xattn=dict(placement="middle")), "placement"),
+    (dict(xattn=dict(placement="top")), "placement"),
     (dict(bogus=1), "Unknown lm config keys"),
     (dict(xattn=dict(heads=2)), "Unknown lm.xattn config keys"),
 ])

@@ -7,8 +7,12 @@ import pytest
 
 from flamingo_jax.configs import tiny
 from flamingo_jax.models import param_count
+from flamingo_jax.train import input as input_lib
 from flamingo_jax.train import optim
+from flamingo_jax.train import sharding as sharding_lib
 from flamingo_jax.train import state as state_lib
+from flamingo_jax.train import trainer
+from flamingo_jax.train.kinds import flamingo as flamingo_kind
 
 
 @pytest.fixture(scope="module")
@@ -83,3 +87,37 @@ def test_agc_is_optional():
   updates, _ = tx.update(grads, tx.init(params), params)
   assert np.isfinite(np.asarray(updates["w"])).all()
   assert isinstance(tx, optax.GradientTransformation)
+
+
+def test_unfreeze_names_top_level_modules(params):
+  rules = optim.param_rules(params, tiny.get_config().schedule, unfreeze=("lm",))
+  trainable = optim.trainable_paths(rules)
+  assert "lm/token_embed" in trainable and not any(p.startswith("vision/") for p in trainable)
+  with pytest.raises(ValueError, match=r"config.unfreeze=\('lm', 'img'\): expected a tuple of "
+                                       r"top-level modules among \['lm', 'resampler', 'vision'\]"):
+    optim.param_rules(params, tiny.get_config().schedule, unfreeze=("lm", "img"))
+
+
+@pytest.mark.parametrize("unfreeze", [(), ("vision",)])
+def test_vision_encoder_trains_only_when_unfrozen(unfreeze):
+  """Two update steps of the trainer: the encoder's parameters move iff config.unfreeze names it
+  (the model has no stop_gradient that would silently keep an unfrozen encoder still)."""
+  config = tiny.get_config()
+  config.unfreeze, config.optim.weight_decay, config.lr_schedule.warmup_steps = unfreeze, 0.0, 0
+  mesh = sharding_lib.make_mesh(config.mesh)
+  data = input_lib.make_input(config, mesh)
+  setup = trainer.make_setup(config, flamingo_kind.model(config), mesh, data.weights)
+  trainable, frozen = jax.jit(setup.init)(jax.random.PRNGKey(0))
+  before = {p: np.asarray(x) for p, x in state_lib.flat(trainable).items()}
+  state = {"step": jnp.zeros((), jnp.int32), "rng": jax.random.PRNGKey(0), "params": trainable,
+           "opt_state": setup.tx.init(trainable)}
+  for _ in range(2):  # The gates start at 0: the visual path gets gradients from step 2.
+    state, _ = setup.update(state, frozen, next(data))
+  after = state_lib.flat(state["params"])
+  moved = {p for p, x in after.items() if not np.array_equal(np.asarray(x), before[p])}
+  in_vision = lambda paths: {p for p in paths if p.startswith("vision/")}
+  if unfreeze:
+    assert in_vision(moved) and "vision/stem_conv1/kernel" in moved
+  else:
+    assert not in_vision(after) and in_vision(state_lib.flat(frozen))
+  assert any(p.startswith("resampler/") for p in moved)

@@ -90,9 +90,26 @@ def test_mlp_connector_needs_num_latents_equal_to_spatial_features():
 
 
 def test_unknown_connector_kind_is_an_error():
-  with pytest.raises(ValueError, match=r"resampler.kind='linear'; expected 'perceiver' or 'mlp'"):
+  with pytest.raises(ValueError, match=r"resampler.kind='linear'; expected one of \('perceiver'"):
     perceiver.connector_config(dict(kind="linear", dim=16))
   with pytest.raises(ValueError, match=r"Unknown model.resampler keys \['latents'\]"):
     perceiver.connector_config(dict(latents=16))
   default = perceiver.connector(perceiver.connector_config(dict(dim=16)))
   assert isinstance(default, perceiver.PerceiverResampler)
+
+
+def test_transformer_connector_attends_across_features_with_no_latents():
+  """Table 3's "Resampler: Transformer": a token per spatial feature, each seeing all of them."""
+  model = perceiver.connector(perceiver.connector_config(
+      dict(kind="transformer", dim=16, num_latents=S, num_layers=2, num_heads=2, head_dim=8,
+           ffw_mult=2)))
+  x = jax.random.normal(jax.random.PRNGKey(0), (B, N, T, S, C))
+  params = nn.unbox(model.init(jax.random.PRNGKey(1), x))
+  assert isinstance(model, perceiver.TransformerConnector) and "latents" not in params["params"]
+  out = model.apply(params, x)
+  assert out.shape == (B, N, S, 16)
+  moved = model.apply(params, x.at[:, :, :, 2].multiply(-1.0)) - out
+  assert (np.abs(np.asarray(moved)).max(axis=(0, 1, 3)) > 1e-4).all()  # Unlike the MLP's.
+  with pytest.raises(ValueError, match=r"kind='transformer'.*num_latents=5 \(S\), not 6"):
+    perceiver.connector(perceiver.ConnectorConfig(kind="transformer", dim=16, num_latents=6,
+                                                  num_layers=1)).init(jax.random.PRNGKey(1), x)

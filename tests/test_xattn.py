@@ -90,6 +90,16 @@ def test_ungated_ablation_has_no_gates_and_changes_output():
   assert np.abs(np.asarray(block.apply(params, y, visual, MEDIA_IDX) - y)).max() > 1e-3
 
 
+def test_vanilla_xattn_is_the_cross_attention_alone():
+  """Table 3's "vanilla xattn": y + xattn(y, x), no gates, no FFW."""
+  block, params, y, visual = block_and_params(gated=False, dense=False)
+  assert set(params["params"]) == {"attn"}
+  attn = xattn.MaskedCrossAttention(2, R, 8).apply({"params": params["params"]["attn"]}, y,
+                                                   visual, MEDIA_IDX)
+  np.testing.assert_allclose(block.apply(params, y, visual, MEDIA_IDX), y + attn, rtol=1e-5,
+                             atol=1e-6)
+
+
 def test_decode_reuses_cached_visual_keys():
   block, params, y, visual = block_and_params()
   p = dict(params)

@@ -85,6 +85,7 @@ def training(total_steps: int) -> ml_collections.ConfigDict:
                  grad_clip=1.0, agc=0.0, agc_params=""),  # agc > 0: adaptive gradient clipping
       # (NFNet training) of the parameters whose path matches the agc_params regex ("" = all).
       schedule=FLAMINGO_SCHEDULE,
+      unfreeze=(),  # Modules ('vision', 'lm') to train although the schedule freezes them.
       frozen_dtype="",  # e.g. 'bfloat16': store frozen parameters in it ('' = as initialised).
       mesh=(1, -1, 1),  # (data, fsdp, model); one -1 fills with the remaining devices.
       sharding_rules=SHARDING_RULES,

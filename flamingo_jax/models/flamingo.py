@@ -4,9 +4,9 @@ The vision encoder is the paper's NFNet or, for OpenFlamingo's weights, an OpenC
 (model.vision.kind='open_clip_vit'); both give [.., C] features the resampler flattens per frame.
 
 Submodules live under stable names that parameter regexes select (checkpoints and configs depend
-on them): `vision/…` (frozen), `resampler/…` (trainable; the Perceiver Resampler, or the MLP of
-the paper's ablation with model.resampler.kind='mlp'), `lm/…` (frozen), `lm/{groups,tail}/xattn/…`
-and `lm/new_token_embed` (trainable).
+on them): `vision/…` (frozen), `resampler/…` (trainable; the Perceiver Resampler, or the MLP or
+Transformer of the paper's ablations, model.resampler.kind), `lm/…` (frozen),
+`lm/{groups,tail}/xattn/…` and `lm/new_token_embed` (trainable).
 
 Inputs (see flamingo_jax/data/interleave.py): images [B, N, T, H, W, 3], tokens [B, L],
 media_idx [B, L] (1-based index of the image each token attends to, the paper's φ; 0 = none).
@@ -15,7 +15,6 @@ import dataclasses
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from flamingo_jax.models import layers
@@ -29,7 +28,7 @@ def lm_config(model_cfg: Any) -> lm_lib.LMConfig:
   """The LM config of a Flamingo model config, with the resampler's R and the model's dtypes."""
   lm_cfg = dict(model_cfg.lm)
   lm_cfg.setdefault("num_latents", model_cfg.resampler.num_latents)
-  for key in ("dtype", "param_dtype", "remat_policy"):
+  for key in ("dtype", "param_dtype", "remat_policy", "unroll_layers"):
     if key in model_cfg:
       lm_cfg.setdefault(key, model_cfg[key])
   return lm_lib.make_config(lm_cfg)
@@ -56,27 +55,32 @@ class Flamingo(nn.Module):
       self.vision_encoder = vit.VisionTransformer(self.vision, **dt, name="vision")
     else:
       self.vision_encoder = nfnet.NFNet(dataclasses.replace(self.vision, **dt), name="vision")
-    self.visual_connector = perceiver.connector(self.connector, **dt, name="resampler")
+    self.visual_connector = perceiver.connector(self.connector, self.lm.unroll_layers, **dt,
+                                                name="resampler")
     self.language_model = lm_lib.LM(self.lm, decode=self.decode, name="lm")
 
   def encode_images(self, images):
-    """images [B, N, T, H, W, 3] -> visual tokens [B, N, R, D]; the encoder gets no gradient."""
+    """images [B, N, T, H, W, 3] -> visual tokens [B, N, R, D].
+
+    No stop_gradient: the trainer differentiates only the trainable subtree, so a frozen encoder
+    (config.schedule) gets no backward pass, and an unfrozen one (config.unfreeze) trains.
+    """
     if images.ndim != 6 or images.shape[-1] != 3:
       raise ValueError(f"images must be [B, N, T, H, W, 3]; got shape {images.shape}.")
     b, n, t, h, w, _ = images.shape
     # NFNet: a grid [BNT, h, w, C]; ViT: patch tokens [BNT, S, C].
     feats = self.vision_encoder(images.reshape(b * n * t, h, w, 3), train=False)
-    feats = layers.constrain_batch(jax.lax.stop_gradient(feats))
+    feats = layers.constrain_batch(feats)
     return self.visual_connector(feats.reshape(b, n, t, -1, feats.shape[-1]))  # [B, N, T, S, C] in
 
   def __call__(self, images, tokens, media_idx, features=None):
     """-> logits [B, L, V + n_new] (float32).
 
     images may be None in decode steps after the prompt. `features` [B, N, T, S, C] replaces the
-    vision encoder with precomputed (frozen) features, e.g. from a CLIP ViT for OpenFlamingo.
+    vision encoder with precomputed features, e.g. from a CLIP ViT for OpenFlamingo.
     """
     if features is not None:
-      visual = self.visual_connector(jax.lax.stop_gradient(features))
+      visual = self.visual_connector(features)
     else:
       visual = None if images is None else self.encode_images(images)
     return self.language_model(tokens, visual, media_idx)

@@ -9,8 +9,9 @@ features x_f, and R learned latents x attend to concat(x_f, x):
 for L layers, then a final LayerNorm. Features are linearly projected to D first when C != D.
 
 `connector` builds the module under `resampler/` from config.model.resampler: this resampler
-(kind='perceiver', the paper's; configs/flamingo_*.py) or `MlpConnector` (kind='mlp', the
-"Resampler: MLP" ablation of the paper's Table 3; the demo's, configs/demo.py says why).
+(kind='perceiver', the paper's; configs/flamingo_*.py), `MlpConnector` (kind='mlp') or
+`TransformerConnector` (kind='transformer'), the "Resampler: MLP / Transformer" ablations of the
+paper's Table 3.
 """
 import dataclasses
 
@@ -82,6 +83,8 @@ class PerceiverResampler(nn.Module):
   max_media: int = 0  # > 0: a learned [max_media, C] embedding per media index (OpenFlamingo's).
   ffw_mult: int = 4
   activation: str = "sqrelu"
+  latent_std: float = 1.0  # The latents' init std (OpenFlamingo's: N(0, 1)).
+  unroll_layers: bool = False  # As LMConfig.unroll_layers.
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -105,12 +108,13 @@ class PerceiverResampler(nn.Module):
     x_f = x_f.reshape(b * n, t * s, c).astype(self.dtype)  # Frames flattened into one set.
     if c != self.dim:
       x_f = layers.dense(self.dim, ("vis_embed", "embed"), **kw, name="input_proj")(x_f)
-    latents = self.param("latents", init(("latents", "embed"), 1.0),
+    latents = self.param("latents", init(("latents", "embed"), self.latent_std),
                          (self.num_latents, self.dim), self.param_dtype)
     x = layers.constrain_batch(
         jnp.broadcast_to(latents.astype(self.dtype), (b * n, self.num_latents, self.dim)))
     x, _ = nn.scan(ResamplerLayer, variable_axes={"params": 0}, split_rngs={"params": True},
                    in_axes=nn.broadcast, length=self.num_layers,
+                   unroll=self.num_layers if self.unroll_layers else 1,
                    metadata_params={nn.PARTITION_NAME: "layers"})(
                        self.num_heads, self.head_dim, self.ffw_mult, self.activation, **kw,
                        name="layers")(x, x_f)
@@ -134,24 +138,85 @@ class MlpConnector(nn.Module):
 
   @nn.compact
   def __call__(self, features):
-    if features.ndim != 5:
-      raise ValueError(f"resampler input must be [B, N, T, S, C]; got shape {features.shape}.")
-    if features.shape[3] != self.num_latents:
-      raise ValueError(f"resampler.kind='mlp' gives one visual token per spatial feature: set "
-                       f"model.resampler.num_latents={features.shape[3]} (S), not "
-                       f"{self.num_latents}.")
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    x = features.astype(self.dtype).mean(axis=2)  # [B, N, S, C]
+    x = _per_feature(features.astype(self.dtype), self.num_latents, "mlp")  # [B, N, S, C]
     x = layers.dense(self.dim, ("vis_embed", "embed"), **kw, name="input_proj")(x)
     x = x + layers.FeedForward(self.ffw_mult, self.activation, **kw, name="ffw")(x)
     return layers.norm("layernorm", **kw, name="norm")(x)
 
 
+class SelfAttentionLayer(nn.Module):
+  """Pre-norm x += attn(x); x += ffw(x) over one image's visual tokens."""
+  num_heads: int
+  head_dim: int
+  ffw_mult: int
+  activation: str
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, _):  # [B, S, D] -> [B, S, D]
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    proj = lambda name: layers.dense((self.num_heads, self.head_dim), ("embed", "heads", "kv"),
+                                     **kw, name=name)
+    h = layers.norm("layernorm", **kw, name="norm")(x)
+    out = layers.attention(proj("query")(h), proj("key")(h), proj("value")(h))
+    x = x + layers.dense(x.shape[-1], ("heads", "kv", "embed"), axis=(-2, -1), **kw,
+                         name="out")(out)
+    x = x + layers.FeedForward(self.ffw_mult, self.activation, **kw, name="ffw")(x)
+    return x, None
+
+
+class TransformerConnector(nn.Module):
+  """The ablation's Transformer: self-attention over each image's features, no latents.
+
+  [B, N, T, S, C] -> [B, N, S, D]: frames averaged as in `MlpConnector` (one token per spatial
+  feature, so num_latents must equal S), Dense(D), L self-attention layers, LayerNorm.
+  """
+  dim: int = 1536
+  num_layers: int = 6
+  num_heads: int = 16
+  head_dim: int = 128
+  num_latents: int = 64
+  ffw_mult: int = 4
+  activation: str = "sqrelu"
+  unroll_layers: bool = False  # As LMConfig.unroll_layers.
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, features):
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    x = _per_feature(features, self.num_latents, "transformer").astype(self.dtype)
+    b, n, s, _ = x.shape
+    x = layers.dense(self.dim, ("vis_embed", "embed"), **kw, name="input_proj")(x)
+    x, _ = nn.scan(SelfAttentionLayer, variable_axes={"params": 0}, split_rngs={"params": True},
+                   in_axes=nn.broadcast, length=self.num_layers,
+                   unroll=self.num_layers if self.unroll_layers else 1,
+                   metadata_params={nn.PARTITION_NAME: "layers"})(
+                       self.num_heads, self.head_dim, self.ffw_mult, self.activation, **kw,
+                       name="layers")(x.reshape(b * n, s, self.dim), None)
+    return layers.norm("layernorm", **kw, name="norm")(x).reshape(b, n, s, self.dim)
+
+
+def _per_feature(features, num_latents: int, kind: str):
+  """[B, N, T, S, C] -> [B, N, S, C], frames averaged, for connectors with a token per feature."""
+  if features.ndim != 5:
+    raise ValueError(f"resampler input must be [B, N, T, S, C]; got shape {features.shape}.")
+  if features.shape[3] != num_latents:
+    raise ValueError(f"resampler.kind={kind!r} gives one visual token per spatial feature: set "
+                     f"model.resampler.num_latents={features.shape[3]} (S), not {num_latents}.")
+  return features.mean(axis=2)
+
+
+KINDS = ("perceiver", "mlp", "transformer")
+
+
 @dataclasses.dataclass(frozen=True)
 class ConnectorConfig:
   """config.model.resampler: what maps visual features to the LM's visual tokens. `kind` is
-  'perceiver' (the paper's) or 'mlp' (its ablation, which uses dim, num_latents, ffw_mult and
-  activation only)."""
+  'perceiver' (the paper's), 'mlp' or 'transformer' (its ablations, which use no time or media
+  embedding; the MLP no attention sizes either)."""
   kind: str = "perceiver"
   dim: int = 1536
   num_layers: int = 6
@@ -162,10 +227,11 @@ class ConnectorConfig:
   max_media: int = 0
   ffw_mult: int = 4
   activation: str = "sqrelu"
+  latent_std: float = 1.0  # Perceiver only.
 
   def __post_init__(self):
-    if self.kind not in ("perceiver", "mlp"):
-      raise ValueError(f"model.resampler.kind={self.kind!r}; expected 'perceiver' or 'mlp'.")
+    if self.kind not in KINDS:
+      raise ValueError(f"model.resampler.kind={self.kind!r}; expected one of {KINDS}.")
     if self.max_media < 0:
       raise ValueError(f"model.resampler.max_media={self.max_media}; expected >= 0 (0: none).")
 
@@ -180,11 +246,14 @@ def connector_config(cfg) -> ConnectorConfig:
   return ConnectorConfig(**cfg)
 
 
-def connector(cfg: ConnectorConfig, **kwargs) -> nn.Module:
-  """The module of `cfg` (kwargs: dtype, param_dtype, name)."""
+def connector(cfg: ConnectorConfig, unroll_layers: bool = False, **kwargs) -> nn.Module:
+  """The module of `cfg` (kwargs: dtype, param_dtype, name); unroll_layers as the LM's."""
   fields = dataclasses.asdict(cfg)
   del fields["kind"]
   if cfg.kind == "mlp":
     return MlpConnector(**{k: fields[k] for k in ("dim", "num_latents", "ffw_mult", "activation")},
                         **kwargs)
-  return PerceiverResampler(**fields, **kwargs)
+  if cfg.kind == "transformer":
+    del fields["max_frames"], fields["max_media"], fields["latent_std"]
+    return TransformerConnector(**fields, unroll_layers=unroll_layers, **kwargs)
+  return PerceiverResampler(**fields, unroll_layers=unroll_layers, **kwargs)

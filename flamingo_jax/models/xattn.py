@@ -33,7 +33,9 @@ def media_mask(media_idx, num_media: int, num_latents: int, only_attend_immediat
 class XattnConfig:
   """config.model.lm.xattn. The switches are the paper's ablations (Table 3, §2.3)."""
   every: int = 1  # A block before layer 0 and every n-th layer (Table 3: 1, 2, 4).
-  placement: str = "paper"  # 'paper' | 'open_flamingo'
+  # 'paper' | 'open_flamingo' | 'middle' (one block, before layer num_layers // 2: Table 3's
+  # "single in middle"; `every` is then unused).
+  placement: str = "paper"
   num_heads: int = 8
   head_dim: int = 128
   ffw_mult: int = 4
@@ -41,9 +43,12 @@ class XattnConfig:
   only_attend_immediate: bool = True  # Per-image masking; False: all previous images (§2.3).
   norm_kv: bool = True
   gated: bool = True  # tanh gates; False: y += xattn(y, x); y += ffw(y) ("w/o tanh gating").
+  # The FFW after the cross-attention; False with gated=False is Table 3's "vanilla xattn", the
+  # original Transformer decoder's cross-attention sublayer (y += xattn(y, x) only).
+  dense: bool = True
 
   def __post_init__(self):
-    for name in ("only_attend_immediate", "norm_kv", "gated"):
+    for name in ("only_attend_immediate", "norm_kv", "gated", "dense"):
       if not isinstance(getattr(self, name), bool):
         raise ValueError(f"lm.xattn.{name}={getattr(self, name)!r}; expected True or False.")
 
@@ -101,8 +106,8 @@ class GatedXattnDense(nn.Module):
   """y += tanh(a_attn)·xattn(y, x);  y += tanh(a_ffw)·ffw(y), with scalar gates a initialised at 0.
 
   At initialisation the block is the identity, so Flamingo starts out equal to the frozen LM.
-  `cfg.gated=False` drops the tanh gates (the paper's ablation). R = num_latents visual tokens per
-  image come from the resampler.
+  `cfg.gated=False` drops the tanh gates and `cfg.dense=False` the FFW (the paper's ablations).
+  R = num_latents visual tokens per image come from the resampler.
   """
   cfg: XattnConfig
   num_latents: int
@@ -116,9 +121,12 @@ class GatedXattnDense(nn.Module):
     if cfg.gated:
       gate_init = nn.with_logical_partitioning(nn.initializers.zeros_init(), ())
       g_attn = jnp.tanh(self.param("attn_gate", gate_init, (), self.param_dtype))
-      g_ffw = jnp.tanh(self.param("ffw_gate", gate_init, (), self.param_dtype))
+      if cfg.dense:
+        g_ffw = jnp.tanh(self.param("ffw_gate", gate_init, (), self.param_dtype))
     attn = MaskedCrossAttention(cfg.num_heads, self.num_latents, cfg.head_dim,
                                 cfg.only_attend_immediate, cfg.norm_kv, **kw, name="attn")
     y = y + jnp.asarray(g_attn, y.dtype) * attn(y, visual, media_idx, decode)
+    if not cfg.dense:
+      return y
     ffw = layers.FeedForward(cfg.ffw_mult, cfg.activation, **kw, name="ffw")
     return y + jnp.asarray(g_ffw, y.dtype) * ffw(y)

@@ -5,6 +5,10 @@ parameter path ('lm/groups/xattn/attn/query/kernel') decides its rule; every par
 one. A rule of None freezes the parameter; a dict overrides fields of `config.lr_schedule` for
 its group ({} = the default schedule). The optimizer sees only the trainable subtree, so frozen
 parameters have no optimizer state and no gradients.
+
+`config.unfreeze = ('vision', 'lm')` trains the parameters under those top-level modules that the
+schedule freezes, with the default schedule: the paper's "frozen LM ✗" ablation (Table 3) and its
+fine-tuning recipe's unfrozen vision encoder, without rewriting the schedule.
 """
 import re
 from typing import Any, Mapping
@@ -14,14 +18,22 @@ import optax
 from flamingo_jax.train import state as state_lib
 
 
-def param_rules(params: Any, schedule) -> dict[str, Any]:
-  """{path: rule} for every parameter; an error lists the paths that no regex matches."""
+def param_rules(params: Any, schedule, unfreeze=()) -> dict[str, Any]:
+  """{path: rule} for every parameter; an error lists the paths that no regex matches. Frozen
+  parameters under a module named in `unfreeze` get the default rule {}."""
   compiled = [(re.compile(pattern), rule) for pattern, rule in schedule]
+  paths = state_lib.flat(params)
+  modules = sorted({path.split("/")[0] for path in paths})
+  if set(unfreeze) - set(modules):
+    raise ValueError(f"config.unfreeze={unfreeze!r}: expected a tuple of top-level modules "
+                     f"among {modules}.")
   rules, unmatched = {}, []
-  for path in state_lib.flat(params):
+  for path in paths:
     match = next(((rule,) for pattern, rule in compiled if pattern.search(path)), None)
     if match is None:
       unmatched.append(path)
+    elif match[0] is None and path.split("/")[0] in unfreeze:
+      rules[path] = {}
     else:
       rules[path] = match[0]
   if unmatched:

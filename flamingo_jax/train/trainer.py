@@ -111,7 +111,8 @@ def make_setup(config, model: nn.Module, mesh: Mesh, weights: dict[str, float]) 
   init_params = lambda rng: model.init(  # Parameter shapes do not depend on B, N, T or L.
       rng, *kind.init_inputs(config))["params"]
   boxed = jax.eval_shape(init_params, jax.random.PRNGKey(0))
-  rules = optim.param_rules(nn.unbox(boxed), config.schedule)
+  rules = optim.param_rules(nn.unbox(boxed), config.schedule,
+                            config.get("unfreeze", ()))
   is_trainable = optim.trainable_paths(rules).__contains__
   tx, schedules = optim.make_optimizer(config, rules)
 
