@@ -40,6 +40,9 @@ import av
 import numpy as np
 from PIL import Image
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+# pylint: disable=wrong-import-position
+from benchmarks import machine_load
 from flamingo_jax.configs import flamingo_3b
 from flamingo_jax.data import mixture
 from flamingo_jax.data import tokenizer as tokenizer_lib
@@ -147,15 +150,11 @@ def measure(root: pathlib.Path, config, tokenizer, kind: str, workers: int,
   return {'examples/s': examples / wall, 'per CPU-s': examples / cpu, 'CPU use': cpu / wall}
 
 
-def load() -> float:
-  return os.getloadavg()[0]
-
-
-def table(config, results: dict, loads: tuple[float, float]) -> str:
+def table(config, results: dict, load: machine_load.OtherCpu) -> str:
   need = required(config)
-  lines = [f'`uptime` 1-min load average: {loads[0]:.2f} before, {loads[1]:.2f} after'
-           + (' — **loaded host (> 0.5): these numbers understate an idle host**'
-              if max(loads) > 0.5 else '') + '.', '',
+  lines = [load.describe() + ('' if load.idle() else
+                              ' — **loaded host: these numbers understate an idle host**') + '.',
+           '',
            '| source (pp of) | threads | examples/s | examples per CPU-s | CPU use '
            '| host needs examples/s | cores needed |', '|---|---|---|---|---|---|---|']
   for (kind, workers), r in results.items():
@@ -189,8 +188,7 @@ def main(argv=None) -> str:
   parser.add_argument('--results', default='benchmarks/RESULTS.md', help="'' = print only")
   args = parser.parse_args(argv)
   config = flamingo_3b.get_config()
-  before = load()
-  with tempfile.TemporaryDirectory() as tmp:
+  with tempfile.TemporaryDirectory() as tmp, machine_load.OtherCpu() as load:
     root = pathlib.Path(tmp)
     rng = np.random.default_rng(0)
     prepare(root, make_sources(root, args.records, rng))
@@ -198,7 +196,7 @@ def main(argv=None) -> str:
         [_words(rng, 20) for _ in range(2000)], 1000, f'{tmp}/sp.model')
     results = {(kind, int(w)): measure(root, config, tokenizer, kind, int(w), args.seconds)
                for kind in SOURCES for w in args.workers.split(',')}
-  text = table(config, results, (before, load()))
+  text = table(config, results, load)
   command = ' '.join(['python', 'benchmarks/feeding.py', *(argv or sys.argv[1:])])
   section = (f'{SECTION}\n\n{__doc__.split(chr(10) * 2, 1)[1].rsplit(chr(10) * 2, 1)[0]}\n\n'
              f'Command: `{command}` on {os.cpu_count()} cores, {time.strftime("%Y-%m-%d")}.\n\n'

@@ -1,28 +1,46 @@
-"""Speed of flamingo_jax beside OpenFlamingo (PyTorch) on this machine's CPU, in one run.
+"""Speed of flamingo_jax beside OpenFlamingo (PyTorch) on this machine's CPU, over a grid of shapes.
 
-Both sides are the same tiny/small OpenFlamingo (CLIP ViT → resampler → LLaMA-style HF LM with
-gated xattn blocks), built offline with random weights and converted into ours
-(`convert/open_flamingo.py`), in float32. Vision is excluded from both: OpenFlamingo's CLIP ViT
-runs once and both sides get its patch features (ours through `features=`, theirs through a
-stand-in for `vision_encoder`).
+Both sides are the same OpenFlamingo (CLIP ViT → resampler → LLaMA-style HF LM with gated xattn
+blocks), built offline with random weights and converted into ours (`convert/open_flamingo.py`),
+in float32. Vision is excluded from both: OpenFlamingo's CLIP ViT runs once and both sides get its
+patch features (ours through `features=`, theirs through a stand-in for `vision_encoder`).
 
-Measured (medians over --reps interleaved repetitions, after --warmup untimed calls):
+A grid point fixes the vocabulary, xattn every n layers, the train sequence length and the images
+per sequence (batch 4, LM 8 layers × 512, resampler 6 × 512, 64 latents, 64 patch features per
+image). `--grid=full` is every combination of --vocab × --every × --seq × --media; `--grid=axes`
+(default) is the base point (first value of each flag), each other value changed one at a time,
+and the largest point (the largest value of each).
+
+Measured (medians over --reps repetitions after --warmup untimed calls), ours twice: with the
+layer stacks as one rolled scan (`model.unroll_layers=False`, the TPU default) and unrolled (True):
   train step  forward + backward + AdamW on resampler, xattn and new token rows (LM frozen): our
               `trainer.make_update_step` with `optim.make_optimizer`, vs OpenFlamingo's
               `Flamingo.forward` + `torch.optim.AdamW` as its training loop runs it (embedding
               gradients masked to the new rows, global-norm clip 1).
-  generation  greedy, KV-cached: `decode.greedy_search` vs `Flamingo.generate`, max_new_tokens new
-              tokens each, no early stop (ours: no stop ids; theirs: min_new_tokens).
-  FLOP/s      matmul FLOPs of the train step, counted on its jaxpr (scan bodies × length; XLA's
-              cost analysis, shown beside it, counts a scanned layer stack's body once), / its
-              median time, as a fraction of a float32 `jnp.dot` of Size.matmul² timed interleaved
-              with the train steps (torch.mm beside it).
-  compile     first-step compile time (lower + compile) of the train step and of decoding.
+  peak        matmul FLOPs of the train step (its jaxpr, scan bodies × length) / step time, as a
+              fraction of a float32 `jnp.dot` of 2048² (torch.mm's beside it), timed at the start.
+  compile     lower + compile of the train step.
+  generation  greedy, KV-cached, 64-token prompt, 32 new tokens per row, no early stop:
+              `decode.greedy_search` vs `Flamingo.generate` (min_new_tokens).
+  bound       tokens/s if every decoding step only read the LM's parameters (frozen LM, xattn,
+              output heads; of untied input embeddings only B rows) and the whole KV cache
+              (self-attention and xattn visual keys/values) once, at the copy bandwidth (bytes
+              read + written per second by a jitted 256 MiB copy); batch 4 tokens per step.
+              A stream of reads alone can beat a copy's rate, so this bound is conservative:
+              a fraction above 1 means decoding read faster than the copy moved bytes.
 
-python benchmarks/speed.py --sizes=tiny,small --reps=7
-python benchmarks/speed.py --sizes=tiny --reps=1 --warmup=1 --results=  # quick look, no file
+Ratios are valid only on an idle machine: torch's threads slow far more than XLA under load. The
+run waits up to 5 minutes for the 1-minute load average to fall to --max_load, then refuses to
+start (unless --allow_load), and the table is marked when other processes kept more than 0.5
+cores busy during the run (`machine_load.py`; the load average after a run counts its own).
+torch uses as many threads as XLA (os.cpu_count()).
+
+python benchmarks/speed.py                                  # idle machine: axes grid, RESULTS.md
+python benchmarks/speed.py --grid=full
+python benchmarks/speed.py --base=tiny --reps=1 --warmup=0 --results= --allow_load  # smoke run
 """
 import dataclasses
+import itertools
 import os
 import pathlib
 import platform
@@ -51,6 +69,7 @@ from open_flamingo.src import utils as of_utils
 import torch
 import transformers
 
+from benchmarks import machine_load
 from flamingo_jax.configs import common
 from flamingo_jax.convert import open_flamingo
 from flamingo_jax.eval import decode
@@ -60,11 +79,19 @@ from flamingo_jax.train import optim
 from flamingo_jax.train import state as state_lib
 from flamingo_jax.train import trainer
 
-_SIZES = flags.DEFINE_list("sizes", ["tiny", "small"], "Sizes to run (keys of SIZES).")
-_REPS = flags.DEFINE_integer("reps", 7, "Timed repetitions per measurement (medians).")
-_WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed calls before timing.")
-_THREADS = flags.DEFINE_integer("threads", 0, "torch threads (0: os.cpu_count(), as XLA uses).")
-_RESULTS = flags.DEFINE_string("results", "benchmarks/RESULTS.md", "Markdown output ('' = none).")
+_GRID = flags.DEFINE_enum("grid", "axes", ["axes", "full"], "Which grid points (module doc).")
+_VOCAB = flags.DEFINE_list("vocab", ["8192", "32768"], "LM vocabulary sizes.")
+_EVERY = flags.DEFINE_list("every", ["2", "1", "4"], "xattn before every n-th LM layer.")
+_SEQ = flags.DEFINE_list("seq", ["256", "128"], "Train sequence lengths.")
+_MEDIA = flags.DEFINE_list("media", ["2", "1"], "Images per sequence.")
+_BASE = flags.DEFINE_enum("base", "small", ["small", "tiny"], "Sizes the grid does not vary.")
+_REPS = flags.DEFINE_integer("reps", 3, "Timed repetitions per measurement (medians).")
+_WARMUP = flags.DEFINE_integer("warmup", 1, "Untimed calls before timing.")
+_MAX_LOAD = flags.DEFINE_float("max_load", machine_load.MAX_OTHER_CORES,
+                                "Highest 1-minute load average to start at.")
+_ALLOW_LOAD = flags.DEFINE_bool("allow_load", False, "Run above --max_load (table marked).")
+_RESULTS = flags.DEFINE_string("results", "benchmarks/RESULTS.md",
+                               "Markdown file whose speed section is replaced ('' = none).")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,20 +111,36 @@ class Size:
   seq: int  # Train sequence length.
   prompt: int  # Generation prompt length.
   new_tokens: int
-  matmul: int  # Side of the square matmul that measures the peak.
+
+  def label(self) -> str:
+    return f"V={self.vocab} every={self.every} L={self.seq} N={self.media}"
 
 
-SIZES = {
+BASES = {
     "tiny": Size(vocab=64, dim=32, layers=4, heads=4, mlp=48, every=2, vis_dim=32, image=16,
-                 patch=8, media=2, batch=2, seq=32, prompt=16, new_tokens=8, matmul=512),
+                 patch=8, media=2, batch=2, seq=32, prompt=16, new_tokens=8),
     "small": Size(vocab=8192, dim=512, layers=8, heads=8, mlp=1376, every=2, vis_dim=512,
-                  image=64, patch=8, media=2, batch=4, seq=256, prompt=64, new_tokens=32,
-                  matmul=2048),
+                  image=64, patch=8, media=2, batch=4, seq=256, prompt=64, new_tokens=32),
 }
-MEASURES = ("train step (s)", "train tokens/s", "generation tokens/s",
-            "train GFLOP/step (jaxpr matmuls)", "train GFLOP/step (XLA cost analysis)",
-            "achieved GFLOP/s", "f32 matmul peak GFLOP/s (jnp.dot / torch.mm)",
-            "fraction of matmul peak", "compile: train step (s)", "compile: decoding (s)")
+PEAK_MATMUL = 2048
+
+
+def flag_axes() -> dict[str, list[int]]:
+  """Size field -> the values of its flag (--vocab, --every, --seq, --media)."""
+  axes = {"vocab": _VOCAB, "every": _EVERY, "seq": _SEQ, "media": _MEDIA}
+  return {name: [int(v) for v in flag.value] for name, flag in axes.items()}
+
+
+def grid(base: Size, axes: dict[str, list[int]], full: bool) -> list[Size]:
+  """The grid points (module docstring); axes: Size field -> values, the first the base's."""
+  if full:
+    return [dataclasses.replace(base, **dict(zip(axes, values)))
+            for values in itertools.product(*axes.values())]
+  first = dataclasses.replace(base, **{k: v[0] for k, v in axes.items()})
+  points = [first] + [dataclasses.replace(first, **{k: v}) for k, vs in axes.items()
+                      for v in vs[1:]]
+  largest = dataclasses.replace(base, **{k: max(v) for k, v in axes.items()})
+  return list(dict.fromkeys(points + [largest]))
 
 
 def median_seconds(fns: dict[str, Callable[[], object]], reps: int, warmup: int
@@ -168,8 +211,9 @@ def tokens_for(size: Size, length: int, seed: int) -> np.ndarray:
   return tokens
 
 
-def ours_train(model, params, features: np.ndarray, tokens: np.ndarray):
-  """(step fn, compile seconds, (XLA, jaxpr) FLOPs per step) of our real update step."""
+def ours_train(model, params, features: np.ndarray, tokens: np.ndarray, with_hlo: bool = False):
+  """(step fn, compile seconds, jaxpr matmul FLOPs per step[, optimized HLO text]) of our real
+  update step."""
   config = common.training(total_steps=1000)
   rules = optim.param_rules(params, config.schedule)
   tx, _ = optim.make_optimizer(config, rules)
@@ -192,10 +236,8 @@ def ours_train(model, params, features: np.ndarray, tokens: np.ndarray):
     state["train"], measured = compiled(state["train"], frozen, batches)
     jax.block_until_ready(measured)
 
-  analysis = compiled.cost_analysis()
-  analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
-  return step, compile_s, (float(analysis["flops"]),
-                           flops_lib.step_flops(update, state["train"], frozen, batches))
+  flops = flops_lib.step_flops(update, state["train"], frozen, batches)
+  return (step, compile_s, flops) + ((compiled.as_text(),) if with_hlo else ())
 
 
 def theirs_train(theirs, tokens: np.ndarray, vocab: int):
@@ -223,7 +265,11 @@ def theirs_train(theirs, tokens: np.ndarray, vocab: int):
 
 
 def ours_generate(model, params, features: np.ndarray, tokens: np.ndarray, new_tokens: int):
-  """(generate fn, compile seconds): resampler + `decode.greedy_search`, no stop ids."""
+  """(generate fn, bytes a decoding step reads at least): resampler + `decode.greedy_search`.
+
+  The bytes: the LM's parameters (but untied input embedding tables, of which a step reads B rows)
+  and its whole KV cache (self-attention and xattn), as `decode._prefill` allocates it.
+  """
   lm = lm_lib.LM(model.lm, decode=True)
   resample = jax.jit(lambda p, f: model.apply(
       {"params": p}, f, method=lambda module, x: module.visual_connector(x)))
@@ -238,9 +284,14 @@ def ours_generate(model, params, features: np.ndarray, tokens: np.ndarray, new_t
                                   0, max_new_tokens=new_tokens)
     return jax.block_until_ready(out)
 
-  start = time.perf_counter()
-  generate()
-  return generate, time.perf_counter() - start
+  visual = jax.eval_shape(resample, params, features)
+  cache = jax.eval_shape(lambda p, v: decode._prefill(  # pylint: disable=protected-access
+      lm, p, v, tokens, media_idx, lengths, new_tokens)[1], params["lm"], visual)
+  nbytes = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+  weights = dict(params["lm"])
+  if not model.lm.tied_embeddings:  # A step gathers B rows of the input tables, reads no more.
+    weights.pop("token_embed"), weights.pop("new_token_embed", None)
+  return generate, nbytes(weights) + nbytes(cache)
 
 
 def theirs_generate(theirs, tokens: np.ndarray, new_tokens: int):
@@ -259,59 +310,73 @@ def theirs_generate(theirs, tokens: np.ndarray, new_tokens: int):
   return generate
 
 
-def matmuls(n: int) -> dict[str, Callable[[], object]]:
-  """n×n float32 matmuls (the peak): jitted jnp.dot and torch.mm, blocking."""
+def matmul_peaks(n: int, reps: int) -> tuple[float, float]:
+  """GFLOP/s of an n×n float32 matmul: jitted jnp.dot and torch.mm (medians)."""
   a = np.random.RandomState(0).randn(n, n).astype(np.float32)
   dot, x, t = jax.jit(jnp.dot), jnp.asarray(a), torch.from_numpy(a)
-  return {"dot": lambda: dot(x, x).block_until_ready(), "mm": lambda: torch.mm(t, t)}
+  times = median_seconds({"dot": lambda: dot(x, x).block_until_ready(),
+                          "mm": lambda: torch.mm(t, t)}, max(reps, 5), 2)
+  return 2 * n ** 3 / times["dot"] / 1e9, 2 * n ** 3 / times["mm"] / 1e9
 
 
-def run(size_name: str, reps: int, warmup: int) -> dict[str, tuple[float, float | None]]:
-  """{measure: (ours, theirs or None)} for one size (MEASURES, in order).
+def copy_bandwidth(reps: int) -> float:
+  """GB/s of a jitted copy of 256 MiB (bytes read + bytes written), median."""
+  x = jnp.ones(64 << 20, jnp.float32)
+  copy = jax.jit(lambda v: v + 0.0)
+  seconds = median_seconds({"copy": lambda: copy(x).block_until_ready()}, max(reps, 5), 2)
+  return 2 * x.nbytes / seconds["copy"] / 1e9
 
-  The matmuls are timed interleaved with the train steps, so the peak sees the same machine load.
-  """
-  size = SIZES[size_name]
+
+COLUMNS = ("train s: scan / unrolled / OpenFlamingo", "train ratio (best)",
+           "fraction of jnp.dot peak (best)", "compile s: scan / unrolled",
+           "generation tok/s: scan / unrolled / OpenFlamingo", "generation ratio (best)",
+           "bound tok/s", "fraction of bound (best)")
+
+
+def run(size: Size, reps: int, warmup: int, peak: float, bandwidth: float) -> dict[str, str]:
+  """{column: cell} of COLUMNS for one grid point."""
   with tempfile.TemporaryDirectory() as workdir:
     theirs, model, params, features_t = build(size, workdir)
   features = features_t.numpy()
   train_tokens = tokens_for(size, size.seq, seed=1)
   prompt = tokens_for(size, size.prompt, seed=2)
+  models = {"scan": model, "unrolled": model.clone(
+      lm=dataclasses.replace(model.lm, unroll_layers=True))}
 
-  ours_step, compile_train, (xla_flops, flops) = ours_train(model, params, features, train_tokens)
-  theirs_step = theirs_train(theirs, train_tokens, size.vocab)
-  train = median_seconds({"ours": ours_step, "theirs": theirs_step, **matmuls(size.matmul)}, reps,
-                         warmup)
-  ours_gen, compile_decode = ours_generate(model, params, features, prompt, size.new_tokens)
-  gen = median_seconds({"ours": ours_gen,
-                        "theirs": theirs_generate(theirs, prompt, size.new_tokens)}, reps, warmup)
-  tokens, generated, peak = train_tokens.size, size.batch * size.new_tokens, 2 * size.matmul ** 3
-  values = [(train["ours"], train["theirs"]),
-            (tokens / train["ours"], tokens / train["theirs"]),
-            (generated / gen["ours"], generated / gen["theirs"]),
-            (flops / 1e9, None), (xla_flops / 1e9, None),
-            (flops / train["ours"] / 1e9, None),
-            (peak / train["dot"] / 1e9, peak / train["mm"] / 1e9),
-            (flops / train["ours"] / (peak / train["dot"]), None),
-            (compile_train, None), (compile_decode, None)]
-  return dict(zip(MEASURES, values))
+  steps, compile_s, flops = {}, {}, 0.0
+  for name, m in models.items():
+    steps[name], compile_s[name], flops = ours_train(m, params, features, train_tokens)
+  steps["theirs"] = theirs_train(theirs, train_tokens, size.vocab)
+  train = median_seconds(steps, reps, warmup)
+  gens = {}
+  for name, m in models.items():
+    gens[name], nbytes = ours_generate(m, params, features, prompt, size.new_tokens)
+  gens["theirs"] = theirs_generate(theirs, prompt, size.new_tokens)
+  gen = median_seconds(gens, reps, warmup)
+  tokens_per_s = {k: size.batch * size.new_tokens / v for k, v in gen.items()}
+  bound = size.batch * bandwidth * 1e9 / nbytes
+  best_train, best_gen = min(train["scan"], train["unrolled"]), max(
+      tokens_per_s["scan"], tokens_per_s["unrolled"])
+  return dict(zip(COLUMNS, [
+      f"{train['scan']:.3f} / {train['unrolled']:.3f} / {train['theirs']:.3f}",
+      f"{train['theirs'] / best_train:.2f}×",
+      f"{flops / best_train / 1e9 / peak:.2f}",
+      f"{compile_s['scan']:.1f} / {compile_s['unrolled']:.1f}",
+      f"{tokens_per_s['scan']:.1f} / {tokens_per_s['unrolled']:.1f} / "
+      f"{tokens_per_s['theirs']:.1f}",
+      f"{best_gen / tokens_per_s['theirs']:.2f}×",
+      f"{bound:.0f}", f"{best_gen / bound:.2f}"]))
 
 
-def table(results: dict[str, dict[str, tuple[float, float | None]]]) -> str:
-  """Markdown: one row per (size, measure); ratio = ours/theirs (≥1: ours faster or higher)."""
-  lines = ["| size | measure | flamingo_jax | OpenFlamingo (torch) | ratio |",
-           "|---|---|---:|---:|---:|"]
-  for size, rows in results.items():
-    for measure, (ours, theirs) in rows.items():
-      ratio = ""
-      if theirs is not None:
-        ratio = f"{theirs / ours:.2f}×" if measure.endswith("(s)") else f"{ours / theirs:.2f}×"
-      lines.append(f"| {size} | {measure} | {ours:.4g} | "
-                   f"{'' if theirs is None else f'{theirs:.4g}'} | {ratio} |")
+def table(results: dict[str, dict[str, str]]) -> str:
+  """Markdown: one row per grid point; ratios are OpenFlamingo's time / ours (≥1: ours faster)."""
+  lines = ["| point | " + " | ".join(COLUMNS) + " |", "|---|" + "---:|" * len(COLUMNS)]
+  lines += [f"| {point} | " + " | ".join(row[c] for c in COLUMNS) + " |"
+            for point, row in results.items()]
   return "\n".join(lines)
 
 
-def environment(threads: int) -> str:
+def environment(threads: int, load: str, peaks: tuple[float, float], bandwidth: float) -> str:
   parallel = torch.__config__.parallel_info().splitlines()
   blas = [l.strip() for l in torch.__config__.show().splitlines() if "Math Kernel" in l]
   return "\n".join([
@@ -320,23 +385,51 @@ def environment(threads: int) -> str:
       f"{os.environ.get('XLA_FLAGS', '')!r}",
       f"- torch {torch.__version__}: {threads} threads "
       f"({'; '.join(l.strip() for l in parallel[1:3])}), "
-      f"BLAS {blas[0] if blas else torch.__config__.show().split('BLAS_INFO=')[-1].split(',')[0]}; "
-      f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '(unset)')}",
+      f"BLAS {blas[0] if blas else torch.__config__.show().split('BLAS_INFO=')[-1].split(',')[0]}",
+      f"- {load}",
+      f"- f32 {PEAK_MATMUL}² matmul: jnp.dot {peaks[0]:.1f} GFLOP/s, torch.mm {peaks[1]:.1f} "
+      f"GFLOP/s; copy bandwidth {bandwidth:.1f} GB/s",
   ])
 
 
 def main(argv):
   del argv
-  threads = _THREADS.value or os.cpu_count()
+  load = machine_load.wait_for_load(_MAX_LOAD.value)
+  if load > _MAX_LOAD.value and not _ALLOW_LOAD.value:
+    raise SystemExit(f"Load average {load:.2f} > --max_load={_MAX_LOAD.value} after waiting "
+                     "5 minutes: ratios against torch are not valid on a loaded machine. "
+                     "--allow_load runs anyway (the table is then marked).")
+  threads = os.cpu_count()
   torch.set_num_threads(threads)
-  results = {s: run(s, _REPS.value, _WARMUP.value) for s in _SIZES.value}
+  points = grid(BASES[_BASE.value], flag_axes(), _GRID.value == "full")
+  results = {}
+  with machine_load.OtherCpu() as load:
+    peaks, bandwidth = matmul_peaks(PEAK_MATMUL, _REPS.value), copy_bandwidth(_REPS.value)
+    for size in points:
+      results[size.label()] = run(size, _REPS.value, _WARMUP.value, peaks[0], bandwidth)
+      print(table(results).splitlines()[-1], flush=True)
   text = table(results)
+  if not load.idle():
+    text = f"**Not a result: the machine was not idle.**\n\n{text}"
+  text = f"{environment(threads, load.describe(), peaks, bandwidth)}\n\n{text}"
   print(text)
   if _RESULTS.value:
-    with open(_RESULTS.value, "w") as f:
-      f.write("# Speed: flamingo_jax vs OpenFlamingo (PyTorch), CPU, float32\n\n"
-              f"{__doc__.split(chr(10), 1)[1]}\nCommand: `{' '.join(['python'] + sys.argv)}`\n\n"
-              f"{environment(threads)}\n\n{text}\n")
+    write_section(_RESULTS.value, f"Command: `{' '.join(['python'] + sys.argv)}`\n\n{text}\n")
+
+
+SECTION = "# Speed: flamingo_jax vs OpenFlamingo (PyTorch), CPU, float32"
+
+
+def write_section(path: str, body: str) -> None:
+  """Replaces the speed section of `path` (up to the next '# ' heading), keeping the others."""
+  text = open(path).read() if os.path.exists(path) else ""
+  start = text.find(SECTION)
+  end = len(text) if start < 0 else text.find("\n# ", start + 1)
+  end = len(text) if end < 0 else end + 1
+  head, tail = (text, "") if start < 0 else (text[:start], text[end:])
+  section = f"{SECTION}\n\n{__doc__.split(chr(10), 1)[1]}\n{body}\n"
+  with open(path, "w") as f:
+    f.write(head + section + tail)
 
 
 if __name__ == "__main__":

@@ -1,12 +1,36 @@
-"""Smoke test of benchmarks/speed.py: every row at the tiny size, once. Timings are not asserted."""
+"""Smoke test of benchmarks/speed.py at the tiny size, once. Timings are not asserted."""
+import dataclasses
+
+import pytest
+
 from benchmarks import speed
 
 
-def test_speed_tiny():
-  results = speed.run("tiny", reps=1, warmup=0)
-  assert list(results) == list(speed.MEASURES)
-  for measure, (ours, theirs) in results.items():
-    assert ours > 0 and (theirs is None or theirs > 0), (measure, ours, theirs)
-  text = speed.table({"tiny": results})
-  assert all(f"| tiny | {measure} |" in text for measure in speed.MEASURES)
-  assert "ratio" in text.splitlines()[0]
+def test_grid_axes_is_the_base_each_change_and_the_largest_point():
+  base = speed.BASES["tiny"]
+  axes = {"vocab": [8, 32], "every": [2, 1, 4], "seq": [16], "media": [2, 1]}
+  points = speed.grid(base, axes, full=False)
+  first = dataclasses.replace(base, vocab=8, every=2, seq=16, media=2)
+  assert points[0] == first
+  assert points[1:5] == [dataclasses.replace(first, **change) for change in (
+      dict(vocab=32), dict(every=1), dict(every=4), dict(media=1))]
+  assert points[-1] == dataclasses.replace(first, vocab=32, every=4)
+  assert len(speed.grid(base, axes, full=True)) == 2 * 3 * 1 * 2
+
+
+@pytest.mark.slow  # Builds both models and compiles four programs (~1-2 min).
+def test_speed_tiny_point_has_every_column(tmp_path):
+  size = speed.BASES["tiny"]
+  row = speed.run(size, reps=1, warmup=0, peak=1.0, bandwidth=1.0)
+  assert list(row) == list(speed.COLUMNS)
+  train = [float(v) for v in row[speed.COLUMNS[0]].split(" / ")]
+  assert len(train) == 3 and min(train) > 0
+  text = speed.table({size.label(): row})
+  assert text.splitlines()[2].startswith(f"| {size.label()} |")
+  results = tmp_path / "RESULTS.md"
+  results.write_text("# Other\n\nkept\n")
+  speed.write_section(str(results), "RUN-ONE\n")
+  speed.write_section(str(results), "RUN-TWO\n")
+  written = results.read_text()
+  assert written.startswith("# Other\n\nkept\n") and written.count(speed.SECTION) == 1
+  assert "RUN-TWO" in written and "RUN-ONE" not in written

@@ -8,6 +8,7 @@ mesh axes. The names used across the models:
   'positions', 'latents', 'frames'  learned position / latent / time tables
   'vis_embed'  vision-encoder channels feeding the resampler
 """
+import math
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
@@ -44,6 +45,28 @@ def constrain_batch(x):
   return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(BATCH_AXES))
 
 
+def matrix_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
+  """lax.dot_general of a dense layer as one 2-D matmul: [..., in] x [in, out] -> [..., out].
+
+  The same product, but its weight gradient is then a plain [in, T] x [T, out] matmul. With the
+  batch and sequence axes kept apart, XLA:CPU instead transposed the (larger) output gradient in
+  a slow fused loop, 8% of the train step's op time (benchmarks/RESULTS.md, "Where the train step's
+  time goes"). On TPU merging the leading axes is a free reshape.
+  """
+  (lhs_contract, rhs_contract), batch = dimension_numbers
+  n = len(lhs_contract)
+  if (any(batch) or tuple(lhs_contract) != tuple(range(lhs.ndim - n, lhs.ndim))
+      or tuple(rhs_contract) != tuple(range(n))):
+    return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                               preferred_element_type=preferred_element_type)
+  lead, out = lhs.shape[:lhs.ndim - n], rhs.shape[n:]
+  product = jax.lax.dot_general(
+      lhs.reshape(-1, math.prod(lhs.shape[lhs.ndim - n:])),
+      rhs.reshape(math.prod(rhs.shape[:n]), -1), (((1,), (0,)), ((), ())),
+      precision=precision, preferred_element_type=preferred_element_type)
+  return product.reshape(*lead, *out)
+
+
 def dense(features, axes: Sequence[str | None], *, use_bias=False, dtype=jnp.float32,
           param_dtype=jnp.float32, axis=-1, name=None, init_std=0.02):
   """A DenseGeneral whose kernel (and bias) carry logical axis names `axes` (input axes first)."""
@@ -53,7 +76,7 @@ def dense(features, axes: Sequence[str | None], *, use_bias=False, dtype=jnp.flo
       features=features, axis=axis, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
       kernel_init=nn.with_logical_partitioning(nn.initializers.normal(init_std), tuple(axes)),
       bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), out_axes),
-      name=name)
+      dot_general=matrix_dot_general, name=name)
 
 
 def norm(kind: str, *, eps: float = 1e-5, use_bias: bool = True, dtype=jnp.float32,
