@@ -8,14 +8,14 @@ and second: global batch / 16 hosts / 0.27 s (the last line below).
 What it delivers. The trainer's input (train/input.py -> data/mixture.py) reads each prepared
 dataset by random access (`tfds.builder(...).as_data_source`, ArrayRecord) and runs the config's
 pp string on each example, in Python: TFDS's feature decoding (PIL), then `decode|resize_pad(320)|
-normalize(...)` (NFNet-F6's pixels at the 3B config's image_size 320) and the tokenize op. Its
-only parallelism is `config.input.num_workers` threads (a ThreadPoolExecutor in the training
-process; the paper configs set 8). There are no worker processes, so threads overlap only where
-the work releases the GIL: PIL's JPEG decoding and resizing and numpy's larger array operations
-do; the Python around them (TFDS's feature decoding, the pp ops' glue, tokenization) holds it.
-The table shows how far that goes: with 2 threads, 'CPU use' near 2.0 means both cores were
-busy; near 1.0, the GIL serialised them. Cores needed = examples/s required / examples per
-CPU-second (ideal scaling; the GIL may make it worse).
+normalize(...)` (NFNet-F6's pixels at the 3B config's image_size 320) and the tokenize op. It runs
+either in `config.input.num_workers` threads of the training process (the paper configs set 8) or
+in `config.input.worker_processes` spawned processes. Threads overlap only where the work releases
+the GIL: PIL's JPEG decoding and resizing and numpy's larger array operations do; the Python
+around them (TFDS's feature decoding, the pp ops' glue, tokenization) holds it. Processes share no
+GIL but pickle every example back to the trainer. With 2 workers, 'CPU use' (the trainer's and its
+worker processes' CPU time per second) near 2.0 means both cores were busy; near 1.0, the GIL
+serialised them. Cores needed = examples/s required / examples per CPU-second (ideal scaling).
 
 The sources are synthetic but shaped like the real ones and go through the prepare CLI in a temp
 dir: 640x480 JPEGs (smooth colour fields plus noise, ~50 KB), OBELICS-style documents of 3-6
@@ -24,10 +24,12 @@ pairs, and 8 s 640x360 H.264 clips stored at 1 FPS.
 
 python benchmarks/feeding.py --results=benchmarks/RESULTS.md   # on an idle host
 python benchmarks/feeding.py --records=40 --seconds=2 --results=  # quick look, no file
+python benchmarks/feeding.py --workers= --processes=1,2 --results=  # worker processes only
 """
 import argparse
 import io
 import json
+import multiprocessing
 import os
 import pathlib
 import subprocess
@@ -132,21 +134,33 @@ def prepare(root: pathlib.Path, args: dict[str, list[str]]) -> None:
                     '--rows_per_shard=64'], check=True, capture_output=True)
 
 
-def measure(root: pathlib.Path, config, tokenizer, kind: str, workers: int,
+def _cpu_seconds() -> float:
+  """CPU seconds of this process and of its live child processes (the pp workers), from /proc."""
+  total = time.process_time()
+  for child in multiprocessing.active_children():
+    with open(f'/proc/{child.pid}/stat') as f:
+      utime, stime = f.read().rsplit(')', 1)[1].split()[11:13]  # Fields 14 and 15.
+    total += (int(utime) + int(stime)) / os.sysconf('SC_CLK_TCK')
+  return total
+
+
+def measure(root: pathlib.Path, config, tokenizer: str, kind: str, mode: str, workers: int,
             seconds: float) -> dict[str, float]:
-  """Examples/s and CPU-seconds of the trainer's Mixture over one prepared source."""
+  """Examples/s and CPU-seconds of the trainer's Mixture over one prepared source, its pp in
+  `workers` threads or processes (`mode`)."""
   name = SOURCES[kind][0]
   ds = dict(config.input.datasets[name], tfds_name=f'feeding_{kind}', data_dir=f'{root}/data',
             batch_size=int(np.ceil(required(config)[name] * STEP_S)))  # One host's share.
-  feed = mixture.Mixture({name: ds}, {name: mixture.open_source(ds['tfds_name'], 'train',
-                                                                ds['data_dir'], name)},
-                         tokenizer=tokenizer, seed=0, process_index=0, process_count=1,
-                         num_workers=workers)
-  next(feed)  # Warm-up: opens files, builds the permutation.
-  examples, start, cpu = 0, time.perf_counter(), time.process_time()
-  while time.perf_counter() - start < seconds:
-    examples += len(next(feed)[name]['tokens'])
-  wall, cpu = time.perf_counter() - start, time.process_time() - cpu
+  parallel = {'num_workers' if mode == 'threads' else 'worker_processes': workers}
+  with mixture.Mixture({name: ds}, {name: mixture.open_source(ds['tfds_name'], 'train',
+                                                              ds['data_dir'], name)},
+                       tokenizer=tokenizer, seed=0, process_index=0, process_count=1,
+                       **parallel) as feed:
+    next(feed)  # Warm-up: opens files, builds the permutation, starts the worker processes.
+    examples, start, cpu = 0, time.perf_counter(), _cpu_seconds()
+    while time.perf_counter() - start < seconds:
+      examples += len(next(feed)[name]['tokens'])
+    wall, cpu = time.perf_counter() - start, _cpu_seconds() - cpu
   return {'examples/s': examples / wall, 'per CPU-s': examples / cpu, 'CPU use': cpu / wall}
 
 
@@ -155,20 +169,21 @@ def table(config, results: dict, load: machine_load.OtherCpu) -> str:
   lines = [load.describe() + ('' if load.idle() else
                               ' — **loaded host: these numbers understate an idle host**') + '.',
            '',
-           '| source (pp of) | threads | examples/s | examples per CPU-s | CPU use '
+           '| source (pp of) | pp workers | examples/s | examples per CPU-s | CPU use '
            '| host needs examples/s | cores needed |', '|---|---|---|---|---|---|---|']
-  for (kind, workers), r in results.items():
+  for (kind, mode, workers), r in results.items():
     name, stands_for = SOURCES[kind]
     rate = sum(need[n] for n in stands_for)
-    lines.append(f"| {kind} ({name}) | {workers} | {r['examples/s']:.1f} | {r['per CPU-s']:.1f} "
+    lines.append(f"| {kind} ({name}) | {mode} {workers} | {r['examples/s']:.1f} "
+                 f"| {r['per CPU-s']:.1f} "
                  f"| {r['CPU use']:.2f} | {rate:.1f} ({' + '.join(stands_for)}) "
                  f"| {rate / r['per CPU-s']:.1f} |")
-  first = {kind: r for (kind, _), r in reversed(results.items())}  # Fewest threads.
+  first = {kind: r for (kind, _, _), r in reversed(results.items())}  # Each source's first.
   cores = sum(sum(need[n] for n in SOURCES[k][1]) / r['per CPU-s'] for k, r in first.items())
   lines += ['', f'One host needs {sum(need.values()):.0f} examples/s '
             f"({', '.join(f'{n} {v:.1f}' for n, v in need.items())}: global batch / {HOSTS} "
-            f'hosts / {STEP_S} s); at the fewest-thread rates above that is {cores:.1f} cores of '
-            'pp (ideal scaling).']
+            f"hosts / {STEP_S} s); at each source's first-row rate above that is {cores:.1f} "
+            'cores of pp (ideal scaling).']
   return '\n'.join(lines)
 
 
@@ -184,7 +199,8 @@ def main(argv=None) -> str:
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   parser.add_argument('--records', type=int, default=256, help='documents and pairs to make')
   parser.add_argument('--seconds', type=float, default=10.0, help='timed per source and setting')
-  parser.add_argument('--workers', default='1,2', help='config.input.num_workers values')
+  parser.add_argument('--workers', default='1,2', help='config.input.num_workers (threads)')
+  parser.add_argument('--processes', default='1,2', help='config.input.worker_processes values')
   parser.add_argument('--results', default='benchmarks/RESULTS.md', help="'' = print only")
   args = parser.parse_args(argv)
   config = flamingo_3b.get_config()
@@ -192,10 +208,14 @@ def main(argv=None) -> str:
     root = pathlib.Path(tmp)
     rng = np.random.default_rng(0)
     prepare(root, make_sources(root, args.records, rng))
-    tokenizer = tokenizer_lib.train_sentencepiece(
+    tokenizer_lib.train_sentencepiece(
         [_words(rng, 20) for _ in range(2000)], 1000, f'{tmp}/sp.model')
-    results = {(kind, int(w)): measure(root, config, tokenizer, kind, int(w), args.seconds)
-               for kind in SOURCES for w in args.workers.split(',')}
+    settings = [(mode, int(n)) for mode, values in (('threads', args.workers),
+                                                    ('processes', args.processes))
+                for n in values.split(',') if n]
+    results = {(kind, mode, n): measure(root, config, f'{tmp}/sp.model', kind, mode, n,
+                                        args.seconds)
+               for kind in SOURCES for mode, n in settings}
   text = table(config, results, load)
   command = ' '.join(['python', 'benchmarks/feeding.py', *(argv or sys.argv[1:])])
   section = (f'{SECTION}\n\n{__doc__.split(chr(10) * 2, 1)[1].rsplit(chr(10) * 2, 1)[0]}\n\n'

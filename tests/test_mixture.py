@@ -1,4 +1,5 @@
-"""The mixture: per-host splitting, determinism, exact resume, global arrays and TFDS sources."""
+"""The mixture: per-host splitting, determinism, exact resume, global arrays, TFDS sources and
+worker processes."""
 import json
 
 import jax
@@ -7,9 +8,11 @@ import pytest
 import tensorflow_datasets as tfds
 from jax.sharding import Mesh
 
+from flamingo_jax.configs import tiny
 from flamingo_jax.data import mixture
 from flamingo_jax.data import pp
 from flamingo_jax.data import tokenizer as tokenizer_lib
+from flamingo_jax.train import input as input_lib
 
 WORDS = ["red", "green", "blue", "circle", "square", "triangle"]
 PAIR_PP = "flip|resize_pad(8)|value_range(-1, 1)|tokenize_pair(max_len=8)"
@@ -17,10 +20,16 @@ DOC_PP = "resize_pad(8)|value_range|tokenize_document(max_len=16, max_media=2, p
 
 
 @pytest.fixture(scope="module")
-def tok(tmp_path_factory):
+def tok_path(tmp_path_factory):
   texts = [f"a {a} {b}" for a in WORDS for b in WORDS]
-  path = tmp_path_factory.mktemp("tok") / "sp.model"
-  return tokenizer_lib.train_sentencepiece(texts, 40, str(path))
+  path = str(tmp_path_factory.mktemp("tok") / "sp.model")
+  tokenizer_lib.train_sentencepiece(texts, 40, path)
+  return path
+
+
+@pytest.fixture(scope="module")
+def tok(tok_path):
+  return tokenizer_lib.load_tokenizer(tok_path)
 
 
 def _pairs(n):
@@ -156,10 +165,16 @@ class MixtureTinyPairs(tfds.core.GeneratorBasedBuilder):
       yield i, {"image": np.full([6, 6, 3], 10 * i, np.uint8), "caption": f"a {WORDS[i]}"}
 
 
-def test_tfds_builder_source(tok, tmp_path):
-  cfg = {"tfds_name": "mixture_tiny_pairs", "split": "train", "batch_size": 3,
-         "data_dir": str(tmp_path),
-         "pp": "decode|resize_pad(8)|value_range|tokenize_pair(max_len=8)"}
+@pytest.fixture(scope="module")
+def tiny_pairs(tmp_path_factory):
+  """MixtureTinyPairs, prepared once per module (ArrayRecord: the workers unpickle its source)."""
+  return {"tfds_name": "mixture_tiny_pairs", "split": "train", "batch_size": 2,
+          "data_dir": str(tmp_path_factory.mktemp("tfds")),
+          "pp": "decode|resize_pad(8)|value_range|tokenize_pair(max_len=8)"}
+
+
+def test_tfds_builder_source(tok, tiny_pairs):
+  cfg = {**tiny_pairs, "batch_size": 3}
   first = next(mixture.make_mixture({"pairs": cfg}, tokenizer=tok, seed=0))["pairs"]
   resumed = mixture.make_mixture({"pairs": cfg}, tokenizer=tok, seed=0, state={"step": 1})
   second = next(resumed)["pairs"]
@@ -179,3 +194,59 @@ def test_coco_captions_through_mock_data(tok):
   coco = batches[0]["coco"]
   assert coco["images"].shape == (4, 1, 1, 16, 16, 3) and coco["tokens"].shape == (4, 12)
   assert (coco["tokens"][:, :2] == [tok.bos_id, tok.image_id]).all()
+
+
+# ------------------------------------------------------------------------ worker processes
+
+
+def test_worker_processes_give_the_in_process_batches(tok, tok_path, tiny_pairs):
+  datasets = {**DATASETS, "tiny": tiny_pairs}
+  sources = {"pairs": _pairs(10), "docs": _docs(7),
+             "tiny": mixture.open_source("mixture_tiny_pairs", "train", tiny_pairs["data_dir"])}
+  host = {"process_index": 1, "process_count": 2}  # This host's half of each global batch.
+  expected = _take(mixture.Mixture(datasets, sources, tokenizer=tok, seed=0, **host), 6)
+  with mixture.Mixture(datasets, sources, tokenizer=tok_path, seed=0, worker_processes=2,
+                       **host) as it:
+    for a, b in zip(expected, _take(it, 4)):
+      _assert_equal(a, b)
+    it.set_state({"step": 1})  # Resume elsewhere: the prefetched step 4 is dropped.
+    for a, b in zip(expected[1:], _take(it, 5)):
+      _assert_equal(a, b)
+    assert it.get_state() == {"step": 6}
+    workers = list(it._executor._processes.values())  # pylint: disable=protected-access
+  assert len(workers) == 2 and not any(w.is_alive() for w in workers)  # Closed.
+
+
+def test_an_error_in_a_worker_names_the_dataset_and_record(tok, tok_path):
+  datasets = {"pairs": {**DATASETS["pairs"], "batch_size": 3}}
+  records = _pairs(2) + [{"image": np.zeros([6, 4, 3], np.uint8)}]  # Record 2 has no caption.
+  message = r"dataset 'pairs': record 2 \(stream position \d\) failed: KeyError"
+  with pytest.raises(mixture.PPError, match=message):
+    next(mixture.Mixture(datasets, {"pairs": records}, tokenizer=tok, seed=0))
+  with mixture.Mixture(datasets, {"pairs": records}, tokenizer=tok_path, seed=0,
+                       worker_processes=1) as it:
+    with pytest.raises(mixture.PPError, match=message):
+      next(it)
+  with pytest.raises(ValueError, match="must pickle to reach the workers.*tokenizer as its path"):
+    mixture.Mixture(datasets, {"pairs": records}, tokenizer=tok, seed=0, worker_processes=1)
+  with mixture.Mixture(datasets, {"pairs": records}, tokenizer=tok_path, seed=0,
+                       worker_processes=1, modules=["no_such_module_xyz"]) as it:
+    with pytest.raises(RuntimeError, match="an input worker process died or failed to start"):
+      next(it)
+
+
+def test_the_tokenizer_must_fit_the_model_embedding(tok, tok_path):
+  config = tiny.get_config()
+  config.input.tokenizer = tok_path
+  for vocab_size in (64, tok.vocab_size):  # The new-token rows hold <image> and <EOC>.
+    config.model.lm.vocab_size = vocab_size
+    input_lib.check_vocab(config, tok)
+  config.model.lm.vocab_size = tok.vocab_size - 1
+  with pytest.raises(ValueError, match=(
+      rf"config.input.tokenizer='.*sp.model' has {tok.vocab_size} tokens \+ 2 added .*"
+      rf"has {tok.vocab_size + 1} rows \(config.model.lm.vocab_size={tok.vocab_size - 1} \+ 2")):
+    input_lib.check_vocab(config, tok)
+  text = {"text": {"vocab_size": 9}}  # The contrastive text tower: one table, no new rows.
+  assert input_lib.embedding_rows(text) == ("config.model.text.vocab_size", 9, 9)
+  plain_lm = input_lib.embedding_rows(config.model.lm)  # As model_name='lm' has it.
+  assert plain_lm == ("config.model.vocab_size", tok.vocab_size - 1, tok.vocab_size + 1)

@@ -360,8 +360,8 @@ def test_tiny_3b_config_keeps_the_3b_structure():
 
 @pytest.mark.slow
 def test_tiny_flamingo_trains_on_prepared_data(documents, tmp_path, tmp_path_factory, tok_path):
-  """The trainer reads prepared datasets by name and data_dir alone (config.input.datasets); the
-  documents are prepared by 2 processes."""
+  """The trainer reads prepared datasets by name and data_dir alone (config.input.datasets), its pp
+  in 2 worker processes; the documents are prepared by 2 processes."""
   out = tmp_path / 'out'
   report = cli.main(['interleaved', f'--src={documents}', f'--out={out}', '--name=my_docs',
                      '--rows_per_shard=3', '--num_workers=2'])
@@ -380,7 +380,7 @@ def test_tiny_flamingo_trains_on_prepared_data(documents, tmp_path, tmp_path_fac
       'import ml_collections\nfrom flamingo_jax.configs import tiny\n\n\n'
       'def get_config():\n  config = tiny.get_config()\n'
       f'  config.input = ml_collections.ConfigDict(dict(kind="tfds", tokenizer={tok_path!r}, '
-      f'datasets={datasets!r}))\n'
+      f'worker_processes=2, datasets={datasets!r}))\n'
       '  return config\n')
   cache = helpers.shared_dir(tmp_path_factory, 'jax_cache')
   workdir = tmp_path / 'run'

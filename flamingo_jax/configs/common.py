@@ -135,7 +135,10 @@ def paper_input(image_size: int, image_pp: str = "", vision=None) -> ml_collecti
   return ml_collections.ConfigDict(dict(
       kind="tfds",
       tokenizer="",  # Required: SentencePiece model or HF tokenizer.json (data/tokenizer.py).
-      num_workers=8,
+      # The pp runs in this many spawned processes, free of the trainer's GIL (data/mixture.py;
+      # set it to the host's cores less one); num_workers threads only when it is 0.
+      worker_processes=8,
+      num_workers=0,
       # Each dataset's loss (train/kinds/flamingo.py:loss): 'sequence', Eq. (2)'s mean over the
       # batch of each sequence's summed NLL; 'token' (without this field), the mean per token.
       loss_normalization="sequence",

@@ -49,7 +49,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.input = common.paper_input(config.image_size, vision=config.model.vision)
   config.evals = ml_collections.ConfigDict() if arg.tiny else common.paper_evals()
   if arg.tiny:
-    config.input.num_workers = 2
+    config.input.worker_processes = 2
     for dataset in config.input.datasets.values():
       dataset.batch_size = 8
   return config

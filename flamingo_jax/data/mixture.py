@@ -8,14 +8,26 @@ files), not a tf.data pipeline. Random access makes the input a pure function of
 so the iterator's whole state is `{'step': int}` (JSON), a resumed run sees exactly the batches an
 uninterrupted one would, and host h of P computes only its slice [h * B/P, (h + 1) * B/P) of the
 global batch. tf.data would need its own (non-JSON) iterator checkpoints or an O(steps) skip on
-resume; grain would add a dependency for what these few lines do. The price is one Python process
-of per-example pp work (with `num_workers` threads), fine at demo scale.
+resume.
+
+The per-example pp (Python and numpy) runs in the calling thread, in `num_workers` threads (which
+overlap only where PIL and numpy release the GIL) or in `worker_processes` spawned processes, which
+share no GIL with the trainer. Each worker unpickles the sources (a cached dataset's records too)
+and builds the pp functions once; a task is one worker's share of one dataset's host batch, and
+the next step's tasks run while the current step trains. All three modes give the same batches bit
+for bit: an example depends only on (seed, dataset, position). The pool is the standard library's,
+not grain's (grain 0.2.18 would install cleanly): grain's multiprocess prefetch hands whole
+elements to workers under its own iterator state, so keeping `{'step'}`, host slicing and these
+error messages would take as much code around it as the pool takes, plus a dependency. Spawn, not
+fork: the parent runs XLA threads.
 
 TFDS builders are opened with file_format='array_record' and prepared if needed (as `tfds.load`
 does), so the embedded demo datasets generate themselves locally on first use.
 """
 import concurrent.futures
 import functools
+import multiprocessing
+import pickle
 import zlib
 from typing import Any, Mapping, Sequence
 
@@ -24,6 +36,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from flamingo_jax import modules as modules_lib
 from flamingo_jax.data import pp
 from flamingo_jax.data import tokenizer as tokenizer_lib
 
@@ -64,26 +77,37 @@ def record_indices(num_records: int, positions: np.ndarray, *, seed: int, name: 
                    for e, o in zip(epochs, offsets)], np.int64)
 
 
-def host_batch(source: Sequence[dict], pp_fn, *, step: int, batch_size: int, seed: int, name: str,
-               process_index: int = 0, process_count: int = 1,
-               executor: concurrent.futures.Executor | None = None) -> dict[str, np.ndarray]:
-  """This host's slice of dataset `name`'s global batch at `step` (numpy, leading axis B/P)."""
+class PPError(RuntimeError):
+  """Reading or preprocessing one record failed; the message names the dataset and record."""
+
+
+def host_records(num_records: int, *, step: int, batch_size: int, seed: int, name: str,
+                 process_index: int = 0, process_count: int = 1) -> tuple[np.ndarray, np.ndarray]:
+  """(stream positions, record indices) of this host's slice of dataset `name`'s batch `step`."""
   if batch_size % process_count:
     raise ValueError(f"dataset {name!r}: batch_size={batch_size} is not divisible by "
                      f"process_count={process_count}.")
-  if not len(source):
+  if not num_records:
     raise ValueError(f"dataset {name!r} has no records.")
   per_host = batch_size // process_count
   positions = step * batch_size + process_index * per_host + np.arange(per_host)
-  records = record_indices(len(source), positions, seed=seed, name=name)
+  return positions, record_indices(num_records, positions, seed=seed, name=name)
 
-  def example(position_record):
-    position, record = position_record
+
+def example(source: Sequence[dict], pp_fn, *, seed: int, name: str, position: int,
+            record: int) -> dict[str, Any]:
+  """Record `record` of `source` through `pp_fn`, its rng seeded by (seed, name, position)."""
+  try:
     ex = dict(source[int(record)])
     ex["_rng"] = np.random.default_rng([seed, _key(name), 1, int(position)])
     return pp_fn(ex)
+  except Exception as e:  # pylint: disable=broad-except  (any op or reader may fail)
+    raise PPError(f"dataset {name!r}: record {int(record)} (stream position {int(position)}) "
+                  f"failed: {type(e).__name__}: {e}") from e
 
-  examples = list((executor.map if executor else map)(example, zip(positions, records)))
+
+def stack(examples: Sequence[dict[str, Any]], name: str) -> dict[str, np.ndarray]:
+  """Examples -> a batch; every field must have one shape."""
   batch = {}
   for field in examples[0]:
     shapes = {np.shape(e.get(field)) for e in examples}
@@ -92,6 +116,48 @@ def host_batch(source: Sequence[dict], pp_fn, *, step: int, batch_size: int, see
                        "examples; the pp string must produce fixed shapes (resize_pad, max_len).")
     batch[field] = np.stack([e[field] for e in examples])
   return batch
+
+
+def host_batch(source: Sequence[dict], pp_fn, *, step: int, batch_size: int, seed: int, name: str,
+               process_index: int = 0, process_count: int = 1,
+               executor: concurrent.futures.Executor | None = None) -> dict[str, np.ndarray]:
+  """This host's slice of dataset `name`'s global batch at `step` (numpy, leading axis B/P)."""
+  positions, records = host_records(len(source), step=step, batch_size=batch_size, seed=seed,
+                                    name=name, process_index=process_index,
+                                    process_count=process_count)
+  fn = lambda p, r: example(source, pp_fn, seed=seed, name=name, position=p, record=r)
+  return stack(list((executor.map if executor else map)(fn, positions, records)), name)
+
+
+_WORKER = {}  # In a worker process: its sources, pp functions and seed (`_init_worker`).
+
+
+def _init_worker(payload: bytes, modules: Sequence[str]) -> None:
+  modules_lib.import_modules({"modules": modules})  # Registered pp ops and TFDS builders.
+  datasets, sources, tokenizer, seed = pickle.loads(payload)
+  if isinstance(tokenizer, str):
+    tokenizer = tokenizer_lib.load_tokenizer(tokenizer)
+  _WORKER.update(sources=sources, seed=seed,
+                 pp={name: pp.build(cfg["pp"], tokenizer) for name, cfg in datasets.items()})
+
+
+def _process_pool(count: int, init: tuple, modules: Sequence[str]
+                  ) -> concurrent.futures.ProcessPoolExecutor:
+  """`count` spawned workers, each set up by `_init_worker(pickled init, modules)`."""
+  try:
+    payload = pickle.dumps(init)
+  except Exception as e:  # pylint: disable=broad-except  (pickle raises several types)
+    raise ValueError(f"worker_processes={count}: the sources and tokenizer must pickle to reach "
+                     f"the workers ({type(e).__name__}: {e}); pass the tokenizer as its path."
+                     ) from e
+  return concurrent.futures.ProcessPoolExecutor(
+      count, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
+      initargs=(payload, tuple(modules)))
+
+
+def _worker_examples(name: str, positions: np.ndarray, records: np.ndarray) -> list[dict]:
+  return [example(_WORKER["sources"][name], _WORKER["pp"][name], seed=_WORKER["seed"], name=name,
+                  position=p, record=r) for p, r in zip(positions, records)]
 
 
 def to_global(batch: Mapping[str, np.ndarray], mesh: Mesh,
@@ -126,19 +192,25 @@ def _check_config(datasets: Mapping[str, Mapping[str, Any]]) -> None:
 
 
 class Mixture:
-  """Iterator of `{name: batch}`, one batch per dataset per step; state is `{'step': int}`."""
+  """Iterator of `{name: batch}`, one batch per dataset per step; state is `{'step': int}`.
+
+  With worker processes, `close()` (or `with`) stops them; unreferenced, they stop on their own.
+  """
 
   def __init__(self, datasets: Mapping[str, Mapping[str, Any]],
-               sources: Mapping[str, Sequence[dict]], *, tokenizer: tokenizer_lib.Tokenizer | None,
-               seed: int, mesh: Mesh | None = None, batch_axes: Sequence[str] = ("data", "fsdp"),
+               sources: Mapping[str, Sequence[dict]], *,
+               tokenizer: tokenizer_lib.Tokenizer | str | None, seed: int,
+               mesh: Mesh | None = None, batch_axes: Sequence[str] = ("data", "fsdp"),
                process_index: int | None = None, process_count: int | None = None,
-               num_workers: int = 0):
+               num_workers: int = 0, worker_processes: int = 0, modules: Sequence[str] = ()):
     """See `make_mixture`; `sources` maps each dataset name to its random-access records."""
     _check_config(datasets)
     self.datasets = {name: {k: cfg[k] for k in cfg.keys()} for name, cfg in datasets.items()}
     self.weights = {name: float(cfg.get("weight", 1.0)) for name, cfg in datasets.items()}
     self._sources = sources
-    self._pp = {name: pp.build(cfg["pp"], tokenizer) for name, cfg in datasets.items()}
+    loaded = tokenizer_lib.load_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer
+    # Built here also with worker processes: a bad pp string fails before any worker starts.
+    self._pp = {name: pp.build(cfg["pp"], loaded) for name, cfg in datasets.items()}
     self._seed = seed
     self._mesh, self._batch_axes = mesh, tuple(batch_axes)
     self._process_index = jax.process_index() if process_index is None else process_index
@@ -146,8 +218,13 @@ class Mixture:
     if not 0 <= self._process_index < self._process_count:
       raise ValueError(
           f"process_index={self._process_index} is outside [0, {self._process_count}).")
-    self._executor = (concurrent.futures.ThreadPoolExecutor(num_workers) if num_workers > 0
-                      else None)
+    self._processes, self._pending = worker_processes, {}
+    if worker_processes:
+      self._executor = _process_pool(worker_processes, (self.datasets, sources, tokenizer, seed),
+                                     modules)
+    else:
+      self._executor = (concurrent.futures.ThreadPoolExecutor(num_workers) if num_workers > 0
+                        else None)
     self._step = 0
 
   def get_state(self) -> dict[str, int]:
@@ -158,38 +235,79 @@ class Mixture:
       raise ValueError(f"mixture state {dict(state)!r}; expected {{'step': int >= 0}}.")
     self._step = int(state["step"])
 
+  def close(self) -> None:
+    """Stops the workers (threads or processes), dropping prefetched work."""
+    if self._executor is not None:
+      self._executor.shutdown(wait=True, cancel_futures=True)
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc_info):
+    self.close()
+
   def __iter__(self):
     return self
 
-  def __next__(self) -> dict[str, dict[str, Any]]:
-    batches = {}
+  def _submit(self, step: int) -> dict[str, list[concurrent.futures.Future]]:
+    """Each dataset's host batch `step` as one task per worker process."""
+    futures = {}
     for name, cfg in self.datasets.items():
-      batch = host_batch(
+      positions, records = host_records(
+          len(self._sources[name]), step=step, batch_size=cfg["batch_size"], seed=self._seed,
+          name=name, process_index=self._process_index, process_count=self._process_count)
+      futures[name] = [self._executor.submit(_worker_examples, name, p, r) for p, r in
+                       zip(np.array_split(positions, self._processes),
+                           np.array_split(records, self._processes)) if len(p)]
+    return futures
+
+  def _from_processes(self) -> dict[str, dict[str, np.ndarray]]:
+    try:
+      # Prefetched unless this is the first step or set_state moved (then that work is dropped).
+      current = self._pending.pop(self._step, None) or self._submit(self._step)
+      self._pending = {self._step + 1: self._submit(self._step + 1)}  # Runs while this trains.
+      return {name: stack([e for f in futures for e in f.result()], name)
+              for name, futures in current.items()}
+    except concurrent.futures.process.BrokenProcessPool as e:
+      raise RuntimeError("an input worker process died or failed to start (its error is logged "
+                         f"above): {e}") from e
+
+  def __next__(self) -> dict[str, dict[str, Any]]:
+    if self._processes:
+      host = self._from_processes()
+    else:
+      host = {name: host_batch(
           self._sources[name], self._pp[name], step=self._step, batch_size=cfg["batch_size"],
           seed=self._seed, name=name, process_index=self._process_index,
           process_count=self._process_count, executor=self._executor)
-      batches[name] = batch if self._mesh is None else to_global(batch, self._mesh,
-                                                                 self._batch_axes)
+              for name, cfg in self.datasets.items()}
     self._step += 1
-    return batches
+    if self._mesh is None:
+      return host
+    return {name: to_global(batch, self._mesh, self._batch_axes) for name, batch in host.items()}
 
 
 def make_mixture(datasets: Mapping[str, Mapping[str, Any]], *,
-                 tokenizer: tokenizer_lib.Tokenizer | None, seed: int, mesh: Mesh | None = None,
-                 batch_axes: Sequence[str] = ("data", "fsdp"), process_index: int | None = None,
+                 tokenizer: tokenizer_lib.Tokenizer | str | None, seed: int,
+                 mesh: Mesh | None = None, batch_axes: Sequence[str] = ("data", "fsdp"),
+                 process_index: int | None = None,
                  process_count: int | None = None, num_workers: int = 0,
+                 worker_processes: int = 0, modules: Sequence[str] = (),
                  state: Mapping[str, int] | None = None) -> Mixture:
   """The mixture over TFDS datasets.
 
   Args:
     datasets: {name: {'tfds_name', 'split', 'batch_size' (global), 'pp', 'weight' (λ),
       'data_dir', 'cache'}}; the sequence length is the pp string's max_len.
-    tokenizer: for the pp strings' tokenize ops.
+    tokenizer: for the pp strings' tokenize ops: a Tokenizer or its path (worker processes need
+      the path: a loaded Tokenizer does not pickle).
     seed: fixes the shuffle and every random pp op.
     mesh: when given, batches are global jax.Arrays sharded on `batch_axes`; numpy otherwise.
     batch_axes: mesh axes the batch axis is split over.
     process_index, process_count: this host and the host count (default: jax's).
-    num_workers: threads running pp (0: in the calling thread).
+    num_workers: threads running pp (0: in the calling thread); unused with worker_processes.
+    worker_processes: spawned processes running pp (0: none); they import `modules` first.
+    modules: config.modules, which register the TFDS builders and pp ops the workers need.
     state: a `get_state()` to resume from.
   """
   _check_config(datasets)
@@ -199,7 +317,8 @@ def make_mixture(datasets: Mapping[str, Mapping[str, Any]], *,
              for name, source in sources.items()}
   mixture = Mixture(datasets, sources, tokenizer=tokenizer, seed=seed, mesh=mesh,
                     batch_axes=batch_axes, process_index=process_index,
-                    process_count=process_count, num_workers=num_workers)
+                    process_count=process_count, num_workers=num_workers,
+                    worker_processes=worker_processes, modules=modules)
   if state is not None:
     mixture.set_state(state)
   return mixture

@@ -1,8 +1,9 @@
 """The trainer's input: the TFDS mixture (flamingo_jax/data/mixture.py) or seeded synthetic batches.
 
-Both are iterators of `{dataset_name: batch}` with `weights` (λ per dataset) and a JSON state
-(`get_state`/`set_state`). Synthetic batches (`config.input.kind='synthetic'`) need no tokenizer or
-data: tests and smoke runs of configs whose vocabulary matches no tokenizer use them.
+Both are iterators of `{dataset_name: batch}` with `weights` (λ per dataset), a JSON state
+(`get_state`/`set_state`) and `close()` (stops the mixture's workers). Synthetic batches
+(`config.input.kind='synthetic'`) need no tokenizer or data: tests and smoke runs of configs whose
+vocabulary matches no tokenizer use them.
 """
 import zlib
 
@@ -11,6 +12,7 @@ import numpy as np
 
 from flamingo_jax.data import mixture as mixture_lib
 from flamingo_jax.data import tokenizer as tokenizer_lib
+from flamingo_jax.models import lm as lm_lib
 from flamingo_jax.train import sharding as sharding_lib
 
 # Per synthetic dataset: batch_size (global), weight, num_media, num_frames, seq_len.
@@ -50,6 +52,9 @@ class Synthetic:
 
   def set_state(self, state) -> None:
     self._step = int(state["step"])
+
+  def close(self) -> None:
+    """Nothing to stop (the trainer closes either input)."""
 
   def __iter__(self):
     return self
@@ -104,8 +109,34 @@ def _load_tokenizer(path: str) -> tokenizer_lib.Tokenizer:
                      f"{e}") from e
 
 
+def embedding_rows(model) -> tuple[str, int, int]:
+  """(field, its vocab_size, rows) of config.model's token embedding: an LM's base plus new-token
+  rows (a Flamingo's `lm`, or the plain LM itself) or the contrastive text tower's table."""
+  if "text" in model:
+    return "config.model.text.vocab_size", model["text"]["vocab_size"], model["text"]["vocab_size"]
+  field, lm = ("config.model.lm", model["lm"]) if "lm" in model else ("config.model", model)
+  lm = lm_lib.make_config(lm)
+  return f"{field}.vocab_size", lm.vocab_size, lm.vocab_size + lm.num_new_tokens
+
+
+def check_vocab(config, tokenizer: tokenizer_lib.Tokenizer) -> None:
+  """Every id the tokenizer produces, its added specials included, has an embedding row."""
+  field, vocab_size, rows = embedding_rows(config.model)
+  if tokenizer.total_vocab_size > rows:
+    new = f" + {rows - vocab_size} new-token rows" if rows > vocab_size else ""
+    raise ValueError(
+        f"config.input.tokenizer={config.input.tokenizer!r} has {tokenizer.vocab_size} tokens + "
+        f"{tokenizer.num_new_tokens} added {list(tokenizer.new_tokens)}: ids up to "
+        f"{tokenizer.total_vocab_size - 1}, but the model's token embedding has {rows} rows "
+        f"({field}={vocab_size}{new}). Use the model's tokenizer or set {field}.")
+
+
 def make_input(config, mesh):
-  """The input named by config.input.kind ('synthetic' | 'tfds'), checked against the mesh."""
+  """The input named by config.input.kind ('synthetic' | 'tfds'), checked against the mesh.
+
+  config.input.worker_processes > 0 runs the TFDS mixture's pp in that many processes, else in
+  config.input.num_workers threads of this one (data/mixture.py).
+  """
   if config.input.kind == "tfds":
     check_required(config)
   check_batch_sizes(config, mesh)
@@ -113,8 +144,13 @@ def make_input(config, mesh):
     return Synthetic(config.input.datasets, seed=config.seed, image_size=config.image_size,
                      vocab_size=config.model.lm.vocab_size, mesh=mesh)
   if config.input.kind == "tfds":
+    tokenizer = _load_tokenizer(config.input.tokenizer)
+    check_vocab(config, tokenizer)
+    processes = config.input.get("worker_processes", 0)
     return mixture_lib.make_mixture(
         {name: dict(cfg) for name, cfg in config.input.datasets.items()},
-        tokenizer=_load_tokenizer(config.input.tokenizer), seed=config.seed, mesh=mesh,
-        batch_axes=sharding_lib.BATCH_AXES, num_workers=config.input.get("num_workers", 0))
+        tokenizer=config.input.tokenizer if processes else tokenizer,  # Workers load the path.
+        seed=config.seed, mesh=mesh, batch_axes=sharding_lib.BATCH_AXES,
+        num_workers=config.input.get("num_workers", 0), worker_processes=processes,
+        modules=config.get("modules", ()))
   raise ValueError(f"config.input.kind={config.input.kind!r}; expected 'synthetic' or 'tfds'.")

@@ -336,6 +336,7 @@ def _train(config, workdir: str, lock: workdir_lock.WorkdirLock,
     if pending is not None:
       check_and_log(*pending)
   finally:
+    data.close()  # Its worker processes, if any.
     writer.close()
     sigterm.restore()
     ckpt_lib.finish(manager)
