@@ -113,3 +113,19 @@ def test_transformer_connector_attends_across_features_with_no_latents():
   with pytest.raises(ValueError, match=r"kind='transformer'.*num_latents=5 \(S\), not 6"):
     perceiver.connector(perceiver.ConnectorConfig(kind="transformer", dim=16, num_latents=6,
                                                   num_layers=1)).init(jax.random.PRNGKey(1), x)
+
+
+def test_near_zero_latents_start_with_image_dependent_visual_tokens():
+  """configs/demo.py:perceiver's finding: with N(0, 1) latents the visual tokens at initialisation
+  are nearly the same for every image (the latents dominate the output and half of the keys);
+  latents near zero vanish from the keys and values, so the tokens start as pooled features."""
+  features = jax.random.normal(jax.random.PRNGKey(0), (64, 1, 1, 16, 32))
+
+  def image_share(latent_std):  # Variance across images / energy of the visual tokens.
+    model = perceiver.PerceiverResampler(dim=32, num_layers=2, num_heads=2, head_dim=16,
+                                         num_latents=8, ffw_mult=2, latent_std=latent_std)
+    tokens = model.apply(model.init(jax.random.PRNGKey(1), features), features)
+    return float(tokens.var(axis=0).mean() / (tokens ** 2).mean())
+
+  assert image_share(1.0) < 0.05
+  assert image_share(1e-4) > 0.5

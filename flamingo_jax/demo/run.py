@@ -93,9 +93,9 @@ def train_tokenizer(path: str) -> tokenizer_lib.Tokenizer:
   return tokenizer
 
 
-def run(workdir: str, short: bool = False) -> str:
+def run(workdir: str, short: bool = False, perceiver: bool = False) -> str:
   """Runs every step of the demo into `workdir` (relative: to the current directory); returns the
-  report's path."""
+  report's path. `perceiver`: stage 3 as configs/demo.py:perceiver."""
   workdir = paths.resolve(workdir)
   arg = "short" if short else None
   os.makedirs(workdir, exist_ok=True)
@@ -104,9 +104,10 @@ def run(workdir: str, short: bool = False) -> str:
   tokenizer_path, vision_init, lm_init = backbone_paths(workdir)
   train_tokenizer(tokenizer_path)
   seconds["tokenizer"] = time.perf_counter() - start
+  stage3_dir = "stage3_perceiver" if perceiver else "stage3"
   dirs = {t: os.path.join(workdir, d) for t, d in (("stage 1: contrastive", "stage1"),
                                                     ("stage 2: LM", "stage2"),
-                                                    ("stage 3: Flamingo", "stage3"))}
+                                                    ("stage 3: Flamingo", stage3_dir))}
 
   c1 = nfnet_contrastive.get_config(arg)
   c1.input.tokenizer = tokenizer_path
@@ -124,7 +125,8 @@ def run(workdir: str, short: bool = False) -> str:
   copying = _evaluate(c2, dirs["stage 2: LM"], trained)["copying"]
   logging.info("Stage 2 in-context copying: %s", copying)
 
-  fewshot = stage3(demo_config.get_config(arg), workdir, dirs["stage 3: Flamingo"], seconds)
+  stage3_arg = ",".join(filter(None, (arg, "perceiver" if perceiver else "")))
+  fewshot = stage3(demo_config.get_config(stage3_arg), workdir, dirs["stage 3: Flamingo"], seconds)
   logging.info("Few-shot results: %s", json.dumps(fewshot))
   path = report.write(workdir, dirs, retrieval, copying, fewshot, seconds)
   logging.info("Wrote %s (%.0f s in all).", path, sum(seconds.values()))
