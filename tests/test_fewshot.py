@@ -5,6 +5,7 @@ import pytest
 
 from flamingo_jax.eval import decode
 from flamingo_jax.eval import fewshot
+from flamingo_jax.eval import metrics
 from tests.test_decode import V, char_tokenizer, logprobs, tiny_setup
 
 BOS, IMG, EOC = 1, V, V + 1
@@ -96,3 +97,14 @@ def test_open_ended_tasks_report_each_k(task, metric):
                                     selection="rices", beam_size=1, max_new_tokens=3)
   assert set(out) == {f"{metric}/0shot", f"{metric}/2shot"}
   assert all(np.isfinite(v) and v >= 0 for v in out.values())
+
+
+@pytest.mark.parametrize("generated,answers,want", [
+    ("red. Question: what", ["red"], 1.0),  # One reference: exact match after clean-up.
+    ("Red", ["red"], 1.0),
+    ("blue", ["red"], 0.0),
+    ("2", ["2"] * 10, 1.0),  # Ten annotators: the official formula.
+    ("red", ["red"] * 2 + ["blue"] * 8, 0.6),
+])
+def test_vqa_score_gives_single_answer_questions_exact_match(generated, answers, want):
+  assert fewshot.vqa_score(metrics.postprocess_vqa(generated), answers) == pytest.approx(want)

@@ -215,7 +215,8 @@ def evaluate_open_ended(task: str, model, params, tokenizer, data, shots: Sequen
   """Captioning (CIDEr-D) or VQA (VQA accuracy) by generation, per k.
 
   Supports come from data['train'], chosen per query at random or by RICES (`selection`); k that
-  do not fit the LM's context or the support set are left out (logged).
+  do not fit the LM's context or the support set are left out (logged). Generations are cut as
+  OpenFlamingo's eval cuts them (metrics.postprocess_*: the text before the model's next turn).
   """
   if task not in TEMPLATES:
     raise ValueError(f"task={task!r}; expected one of {sorted(TEMPLATES)}.")
@@ -251,9 +252,19 @@ def evaluate_open_ended(task: str, model, params, tokenizer, data, shots: Sequen
     if task == "captioning":
       refs = [[metrics.ptb_tokenize(text(c)) for c in ex["captions"]] for ex in queries]
       results[f"{name}/{k}shot"] = metrics.cider_d(
-          [metrics.ptb_tokenize(p) for p in predictions], refs)[0]
+          [metrics.ptb_tokenize(metrics.postprocess_caption(p)) for p in predictions], refs)[0]
     else:
       results[f"{name}/{k}shot"] = float(np.mean([
-          metrics.vqa_accuracy(p, [text(a) for a in ex["answers"]])
+          vqa_score(metrics.postprocess_vqa(p), [text(a) for a in ex["answers"]])
           for p, ex in zip(predictions, queries)]))
   return results
+
+
+def vqa_score(prediction: str, answers: Sequence[str]) -> float:
+  """VQA accuracy against the human answers; with a single reference answer (the demo's synthetic
+  questions) exact match after the official normalisation, since the official formula scores a
+  prediction by the *other* annotators who agree and so gives 0 to every single-answer question."""
+  if len(answers) == 1:
+    normalise = metrics.normalize_vqa_answer
+    return float(normalise(prediction) == normalise(answers[0]))
+  return metrics.vqa_accuracy(prediction, answers)
