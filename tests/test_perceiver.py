@@ -115,17 +115,22 @@ def test_transformer_connector_attends_across_features_with_no_latents():
                                                   num_layers=1)).init(jax.random.PRNGKey(1), x)
 
 
-def test_near_zero_latents_start_with_image_dependent_visual_tokens():
-  """configs/demo.py:perceiver's finding: with N(0, 1) latents the visual tokens at initialisation
-  are nearly the same for every image (the latents dominate the output and half of the keys);
-  latents near zero vanish from the keys and values, so the tokens start as pooled features."""
+def test_demo_init_starts_with_image_dependent_and_distinct_visual_tokens():
+  """configs/demo.py:perceiver's finding. With N(0, 1) latents the visual tokens at initialisation
+  are nearly the same for every image (the latents dominate the output and half of the keys).
+  Latents near zero vanish, but with 0.02 projections attention is uniform and every latent gives
+  the same pooled token. Small latents with 1/sqrt(dim) projections give both."""
   features = jax.random.normal(jax.random.PRNGKey(0), (64, 1, 1, 16, 32))
 
-  def image_share(latent_std):  # Variance across images / energy of the visual tokens.
+  def shares(latent_std, kernel_std):  # Variance across images, across latents / energy.
     model = perceiver.PerceiverResampler(dim=32, num_layers=2, num_heads=2, head_dim=16,
-                                         num_latents=8, ffw_mult=2, latent_std=latent_std)
+                                         num_latents=8, ffw_mult=2, latent_std=latent_std,
+                                         kernel_std=kernel_std)
     tokens = model.apply(model.init(jax.random.PRNGKey(1), features), features)
-    return float(tokens.var(axis=0).mean() / (tokens ** 2).mean())
+    energy = (tokens ** 2).mean()
+    return float(tokens.var(axis=0).mean() / energy), float(tokens.var(axis=2).mean() / energy)
 
-  assert image_share(1.0) < 0.05
-  assert image_share(1e-4) > 0.5
+  assert shares(1.0, 0.02)[0] < 0.05  # Image-independent.
+  assert shares(1e-4, 0.02)[1] < 0.01  # All latents alike.
+  images, latents = shares(1e-2, 32 ** -0.5)
+  assert images > 0.5 and latents > 0.2

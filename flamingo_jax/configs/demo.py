@@ -68,14 +68,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if arg.perceiver:
     # `:perceiver` (python -m flamingo_jax.demo --perceiver): the paper's Perceiver Resampler (8
     # latents, 2 layers) over a 4x4 feature grid, the stage-1 NFNet run at strides (1, 2, 1, 1)
-    # (same weights; stage 1 trains at 1x1). Its latents start near zero (std 1e-4; OpenFlamingo's
-    # are N(0, 1)), so their own rows in the keys and values vanish and each visual token starts as
-    # the features' pooled value: with N(0, 1) or N(0, 0.02^2) latents the tokens were nearly
-    # image-independent and no run learned naming. It learns in 2 of 3 stage-3 seeds, so it is
-    # not the default (docs/DEMO_RESULTS.md, 2026-12-05).
+    # (same weights; stage 1 trains at 1x1). Small latents (std 0.01; OpenFlamingo's are N(0, 1))
+    # let the attention output, not the latents, carry the visual tokens, and projections at
+    # 1/sqrt(dim) (not 0.02) make each latent's query attend differently from the start: with
+    # N(0, 1) latents the tokens were image-independent and no run learned naming, with near-zero
+    # latents and 0.02 projections all latents gave the same pooled token and 1 stage-3 seed of 3
+    # failed (docs/DEMO_RESULTS.md, 2026-12-05). Not the default until more seeds are measured.
     vision_cfg = dict(vision(), strides=(1, 2, 1, 1))
     resampler = dict(kind="perceiver", dim=64, num_layers=2, num_heads=4, head_dim=16,
-                     num_latents=8, ffw_mult=2, activation="sqrelu", latent_std=1e-4)
+                     num_latents=8, ffw_mult=2, activation="sqrelu", latent_std=1e-2,
+                     kernel_std=64 ** -0.5)
   else:
     # The paper's "Resampler: MLP" ablation (models/perceiver.py:MlpConnector) over the NFNet's one
     # feature per image: it learns in-context naming on every stage-1 encoder and stage-3 seed

@@ -40,16 +40,18 @@ class PerceiverAttention(nn.Module):
   """Latents attend to the features and to themselves, as OpenFlamingo's PerceiverAttention."""
   num_heads: int
   head_dim: int
+  kernel_std: float = 0.02
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x_f, x):  # x_f: [B, F, D]; x: [B, R, D] -> [B, R, D]
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, init_std=self.kernel_std)
     proj = lambda name: layers.dense((self.num_heads, self.head_dim), ("embed", "heads", "kv"),
                                      **kw, name=name)
-    x_f = layers.norm("layernorm", **kw, name="norm_media")(x_f)
-    x = layers.norm("layernorm", **kw, name="norm_latents")(x)
+    norm_kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    x_f = layers.norm("layernorm", **norm_kw, name="norm_media")(x_f)
+    x = layers.norm("layernorm", **norm_kw, name="norm_latents")(x)
     kv_in = jnp.concatenate([x_f, x], axis=1)
     out = layers.attention(proj("query")(x), proj("key")(kv_in), proj("value")(kv_in))
     return layers.dense(x.shape[-1], ("heads", "kv", "embed"), axis=(-2, -1), **kw,
@@ -61,13 +63,15 @@ class ResamplerLayer(nn.Module):
   head_dim: int
   ffw_mult: int
   activation: str
+  kernel_std: float = 0.02
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x, x_f):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    x = x + PerceiverAttention(self.num_heads, self.head_dim, **kw, name="attn")(x_f, x)
+    x = x + PerceiverAttention(self.num_heads, self.head_dim, self.kernel_std, **kw,
+                               name="attn")(x_f, x)
     x = x + layers.FeedForward(self.ffw_mult, self.activation, **kw, name="ffw")(x)
     return x, None
 
@@ -84,6 +88,10 @@ class PerceiverResampler(nn.Module):
   ffw_mult: int = 4
   activation: str = "sqrelu"
   latent_std: float = 1.0  # The latents' init std (OpenFlamingo's: N(0, 1)).
+  # The init std of the input and attention projections' kernels. 0.02 is the LM's; torch's
+  # default Linear init (OpenFlamingo's) is ~1/sqrt(3 fan_in). Why the demo sets 1/sqrt(dim):
+  # configs/demo.py:perceiver.
+  kernel_std: float = 0.02
   unroll_layers: bool = False  # As LMConfig.unroll_layers.
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -107,7 +115,8 @@ class PerceiverResampler(nn.Module):
       x_f = x_f + media_table[:n, None, None].astype(features.dtype)
     x_f = x_f.reshape(b * n, t * s, c).astype(self.dtype)  # Frames flattened into one set.
     if c != self.dim:
-      x_f = layers.dense(self.dim, ("vis_embed", "embed"), **kw, name="input_proj")(x_f)
+      x_f = layers.dense(self.dim, ("vis_embed", "embed"), **kw, init_std=self.kernel_std,
+                         name="input_proj")(x_f)
     latents = self.param("latents", init(("latents", "embed"), self.latent_std),
                          (self.num_latents, self.dim), self.param_dtype)
     x = layers.constrain_batch(
@@ -116,8 +125,8 @@ class PerceiverResampler(nn.Module):
                    in_axes=nn.broadcast, length=self.num_layers,
                    unroll=self.num_layers if self.unroll_layers else 1,
                    metadata_params={nn.PARTITION_NAME: "layers"})(
-                       self.num_heads, self.head_dim, self.ffw_mult, self.activation, **kw,
-                       name="layers")(x, x_f)
+                       self.num_heads, self.head_dim, self.ffw_mult, self.activation,
+                       self.kernel_std, **kw, name="layers")(x, x_f)
     x = layers.norm("layernorm", **kw, name="norm")(x)
     return x.reshape(b, n, self.num_latents, self.dim)
 
@@ -228,6 +237,7 @@ class ConnectorConfig:
   ffw_mult: int = 4
   activation: str = "sqrelu"
   latent_std: float = 1.0  # Perceiver only.
+  kernel_std: float = 0.02  # Perceiver only.
 
   def __post_init__(self):
     if self.kind not in KINDS:
@@ -254,6 +264,6 @@ def connector(cfg: ConnectorConfig, unroll_layers: bool = False, **kwargs) -> nn
     return MlpConnector(**{k: fields[k] for k in ("dim", "num_latents", "ffw_mult", "activation")},
                         **kwargs)
   if cfg.kind == "transformer":
-    del fields["max_frames"], fields["max_media"], fields["latent_std"]
+    del fields["max_frames"], fields["max_media"], fields["latent_std"], fields["kernel_std"]
     return TransformerConnector(**fields, unroll_layers=unroll_layers, **kwargs)
   return PerceiverResampler(**fields, unroll_layers=unroll_layers, **kwargs)
