@@ -154,3 +154,54 @@ def test_visual_features_pp_op_replaces_images():
   assert "images" not in out and out["features"].shape == (5, 1, 16, 128)
   with pytest.raises(ValueError, match="no feature cache 'nope'"):
     pp.build("visual_features('nope')")
+
+
+def test_seeds_train_every_stage3_seed_on_every_stage1_encoder(monkeypatch, tmp_path):
+  """--seeds=3: stage 1 with seeds 0-2, stage 3 with seeds 0-2 on each of their NFNets, each run
+  in its own directory, and all nine runs reach the report (stage 2 trains once)."""
+  from flamingo_jax.demo import run  # pylint: disable=g-import-not-at-top
+  trained, stage3_runs, saved = [], [], []
+  monkeypatch.setattr(run, "train_tokenizer", lambda path: None)
+  monkeypatch.setattr(run, "_stage", lambda title, config, workdir, seconds: (
+      trained.append((title, config.seed, workdir)) or ({"vision": config.seed}, True)))
+  monkeypatch.setattr(run, "_evaluate", lambda config, stage_dir, trained: {
+      "retrieval": {"i2t_recall@1": config.seed}, "copying": {}})
+  monkeypatch.setattr(run.ckpt_lib, "save_params", lambda path, params: saved.append(
+      (path, params)))
+
+  def stage3(config, workdir, stage_dir, seconds):
+    vision = config.vision_init or run.backbone_paths(workdir)[1]  # As run.stage3 reads it.
+    stage3_runs.append((config.seed, vision, stage_dir))
+    return {"names": {"accuracy/0shot": config.seed}}
+
+  monkeypatch.setattr(run, "stage3", stage3)
+  monkeypatch.setattr(run.report, "write", lambda *args: args[-1])
+  runs = run.run(str(tmp_path), mlp=True, seeds=3)
+
+  stage1 = [(seed, d) for title, seed, d in trained if title.startswith("stage 1")]
+  assert [seed for seed, _ in stage1] == [0, 1, 2] and len({d for _, d in stage1}) == 3
+  assert sum(title.startswith("stage 2") for title, _, _ in trained) == 1
+  visions = {seed: path for path, params in saved if "vision" in params
+             for seed in [params["vision"]]}
+  assert sorted(visions) == [0, 1, 2] and len(set(visions.values())) == 3
+  assert sorted((seed, vision) for seed, vision, _ in stage3_runs) == sorted(
+      (seed3, visions[seed1]) for seed1 in range(3) for seed3 in range(3))
+  assert len({d for _, _, d in stage3_runs}) == 9
+  assert sorted(runs) == [(a, b) for a in range(3) for b in range(3)]
+  assert all(retrieval["i2t_recall@1"] == seed1
+             and fewshot["names"]["accuracy/0shot"] == seed3
+             for (seed1, seed3), (retrieval, fewshot) in runs.items())
+  with pytest.raises(ValueError, match="seeds"):
+    run.run(str(tmp_path), seeds=0)
+
+
+def test_seed_table_counts_the_runs_that_clear_the_gain():
+  from flamingo_jax.demo import report  # pylint: disable=g-import-not-at-top
+  runs = {(0, seed): ({"i2t_recall@1": 0.5}, {"names": {
+      "accuracy/0shot": 0.25, "accuracy/4shot": 0.25 + gain, "accuracy/8shot": 0.9,
+      "chance": 0.25}}) for seed, gain in enumerate((0.2, 0.3, 0.5))}
+  text = "\n".join(report.seed_table("names", runs))
+  assert "| mean | 0.250 | 0.583 | 0.900 |" in text
+  assert "| min | 0.250 | 0.450 | 0.900 |" in text and "| 0, 2 (i2t 0.500) |" in text
+  assert "4 shots >= 0 shots + 0.30 and >= chance + 0.30: 2 of 3 runs." in text
+  assert "8 shots >= 0 shots + 0.30 and >= chance + 0.30: 3 of 3 runs." in text

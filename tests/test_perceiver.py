@@ -116,7 +116,7 @@ def test_transformer_connector_attends_across_features_with_no_latents():
 
 
 def test_demo_init_starts_with_image_dependent_and_distinct_visual_tokens():
-  """configs/demo.py:perceiver's finding. With N(0, 1) latents the visual tokens at initialisation
+  """configs/demo.py's Perceiver init. With N(0, 1) latents the visual tokens at initialisation
   are nearly the same for every image (the latents dominate the output and half of the keys).
   Latents near zero vanish, but with 0.02 projections attention is uniform and every latent gives
   the same pooled token. Small latents with 1/sqrt(dim) projections give both."""

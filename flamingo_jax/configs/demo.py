@@ -8,8 +8,8 @@ Stage 3 alone, after stages 1-2 (configs/nfnet_contrastive.py, configs/lm_pretra
     --config.vision_init=workdir/stage1/vision --config.lm_init=workdir/stage2/lm
   python launch.py --config=flamingo_jax/configs/demo.py --workdir=workdir/stage3 --mode=eval \
     ...(same flags)
-`configs/demo.py:short` is the end-to-end test's shortened run: fewer queries, the same 400 steps
-(after 120, one of three stage-3 seeds had learned in-context naming).
+`configs/demo.py:short` is the end-to-end test's shortened run: fewer queries, the same 600 steps.
+`configs/demo.py:mlp` is the paper's "Resampler: MLP" ablation in place of the Perceiver.
 
 The sizes of all three stages live here, so the stages' checkpoints fit each other. Training mixes
 the paper's datasets (interleaved documents, pairs, video with their λ) with name-episode documents
@@ -63,25 +63,23 @@ def training(total_steps: int, lr: float, short: bool) -> ml_collections.ConfigD
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  arg = common.parse_arg(arg, short=False, perceiver=False)
-  config = training(total_steps=400, lr=3e-3, short=arg.short)
-  if arg.perceiver:
-    # `:perceiver` (python -m flamingo_jax.demo --perceiver): the paper's Perceiver Resampler (8
-    # latents, 2 layers) over a 4x4 feature grid, the stage-1 NFNet run at strides (1, 2, 1, 1)
-    # (same weights; stage 1 trains at 1x1). Small latents (std 0.01; OpenFlamingo's are N(0, 1))
-    # let the attention output, not the latents, carry the visual tokens, and projections at
-    # 1/sqrt(dim) (not 0.02) make each latent's query attend differently from the start: with
-    # N(0, 1) latents the tokens were image-independent and no run learned naming, with near-zero
-    # latents and 0.02 projections all latents gave the same pooled token and 1 stage-3 seed of 3
-    # failed (docs/DEMO_RESULTS.md, 2026-12-05). Not the default until more seeds are measured.
+  arg = common.parse_arg(arg, short=False, mlp=False)
+  config = training(total_steps=600, lr=3e-3, short=arg.short)
+  if not arg.mlp:
+    # The paper's Perceiver Resampler (8 latents, 2 layers) over a 4x4 feature grid, the stage-1
+    # NFNet run at strides (1, 2, 1, 1) (same weights; stage 1 trains at 1x1). Small latents (std
+    # 0.01; OpenFlamingo's are N(0, 1)) let the attention output, not the latents, carry the visual
+    # tokens, and projections at 1/sqrt(dim) (not 0.02) make each latent attend differently from
+    # the start: with N(0, 1) latents the tokens were image-independent and no run learned naming;
+    # with near-zero latents and 0.02 projections all latents gave the same pooled token. It learns
+    # more slowly than the MLP: 600 steps, not 400 (docs/DEMO_RESULTS.md, 2026-12-05).
     vision_cfg = dict(vision(), strides=(1, 2, 1, 1))
     resampler = dict(kind="perceiver", dim=64, num_layers=2, num_heads=4, head_dim=16,
                      num_latents=8, ffw_mult=2, activation="sqrelu", latent_std=1e-2,
                      kernel_std=64 ** -0.5)
   else:
-    # The paper's "Resampler: MLP" ablation (models/perceiver.py:MlpConnector) over the NFNet's one
-    # feature per image: it learns in-context naming on every stage-1 encoder and stage-3 seed
-    # measured (docs/DEMO_RESULTS.md).
+    # `:mlp` (python -m flamingo_jax.demo --mlp): the paper's "Resampler: MLP" ablation
+    # (models/perceiver.py:MlpConnector) over the NFNet's one feature per image.
     vision_cfg = vision()
     resampler = dict(kind="mlp", dim=64, num_latents=1, ffw_mult=2, activation="sqrelu")
   config.model = ml_collections.ConfigDict(dict(

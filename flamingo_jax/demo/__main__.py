@@ -1,4 +1,4 @@
-"""python -m flamingo_jax.demo --workdir=workdir [--short] [--perceiver]: the demo (run.py)."""
+"""python -m flamingo_jax.demo --workdir=W [--short] [--mlp] [--seeds=N]: run.py."""
 from absl import app
 from absl import flags
 from absl import logging
@@ -10,15 +10,18 @@ from flamingo_jax.demo import run
 _WORKDIR = flags.DEFINE_string("workdir", "workdir", "Everything the demo writes goes here "
                                "(relative: to the current directory); re-running resumes.")
 _SHORT = flags.DEFINE_bool("short", False, "The shortened run of the end-to-end test.")
-_PERCEIVER = flags.DEFINE_bool("perceiver", False, "Stage 3 with the Perceiver Resampler over a "
-                               "4x4 feature grid (configs/demo.py:perceiver), not the MLP.")
+_MLP = flags.DEFINE_bool("mlp", False, "Stage 3 with the paper's 'Resampler: MLP' ablation over "
+                         "one feature per image (configs/demo.py:mlp), not the Perceiver.")
+
+_SEEDS = flags.DEFINE_integer("seeds", 1, "N > 1: stage 1 with N seeds and stage 3 with N seeds on "
+                              "each (workdir/seeds/); the report shows the spread over the N x N.")
 
 
 def main(argv):
   del argv
   console.setup()
   logging.info("JAX devices: %s", jax.devices())
-  print(run.run(_WORKDIR.value, _SHORT.value, _PERCEIVER.value))
+  print(run.run(_WORKDIR.value, _SHORT.value, _MLP.value, _SEEDS.value))
 
 
 if __name__ == "__main__":

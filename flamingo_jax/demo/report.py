@@ -6,6 +6,7 @@ import json
 import os
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -64,10 +65,16 @@ def shots_and_values(result: dict[str, float]) -> tuple[str, list[int], list[flo
   return items[0][1], [k for k, _, _ in items], [v for _, _, v in items]
 
 
-def plot_fewshot(workdir: str, task: str, result: dict[str, float]) -> str:
+def plot_fewshot(workdir: str, task: str, result: dict[str, float],
+                 spread: list[dict[str, float]] = ()) -> str:
+  """The metric vs shots; with `spread` (every seed's result), their mean and min-max band."""
   metric, shots, values = shots_and_values(result)
   fig, ax = plt.subplots(figsize=(4.5, 3.5))
   ax.plot(shots, values, "o-", label=task)
+  if spread:
+    table = np.array([shots_and_values(r)[2] for r in spread])
+    ax.plot(shots, table.mean(axis=0), "s--", label=f"mean of {len(spread)} seeds")
+    ax.fill_between(shots, table.min(axis=0), table.max(axis=0), alpha=0.2, label="min-max")
   if "chance" in result:
     ax.axhline(result["chance"], color="grey", linestyle="--", label="chance")
   ax.set(title=f"{task}: few-shot", xlabel="shots", ylabel=METRIC_NAMES.get(metric, metric),
@@ -76,10 +83,42 @@ def plot_fewshot(workdir: str, task: str, result: dict[str, float]) -> str:
   return _save(fig, workdir, f"fewshot_{task}.png")
 
 
+GAIN = 0.30  # Issue #25's robustness bar: k-shot names accuracy >= 0-shot + GAIN and chance + GAIN.
+
+
+def seed_table(task: str, runs: dict[tuple[int, int], tuple[dict, dict]]) -> list[str]:
+  """Markdown lines: `task`'s metric vs shots for every (stage-1, stage-3) seed, mean, min, max, and
+  with a chance level, in how many runs each k > 0 beats both 0 shots and chance by GAIN."""
+  results = {seeds: fewshot[task] for seeds, (_, fewshot) in sorted(runs.items())}
+  _, shots, _ = shots_and_values(next(iter(results.values())))
+  table = np.array([shots_and_values(r)[2] for r in results.values()])
+  row = lambda label, values: f"| {label} | " + " | ".join(f"{v:.3f}" for v in values) + " |"
+  lines = ["", f"Over {len(results)} runs (stage-1 seed, stage-3 seed; stage-1 zero-shot "
+           "i2t recall@1):", "", "| run | " + " | ".join(map(str, shots)) + " |",
+           "|---|" + "---|" * len(shots)]
+  for ((seed1, seed3), (retrieval, _)), values in zip(sorted(runs.items()), table):
+    lines.append(row(f"{seed1}, {seed3} (i2t {retrieval.get('i2t_recall@1', float('nan')):.3f})",
+                     values))
+  lines += [row("mean", table.mean(axis=0)), row("min", table.min(axis=0)),
+            row("max", table.max(axis=0))]
+  chance = next(iter(results.values())).get("chance")
+  if chance is not None and 0 in shots:
+    lines.append("")
+    zero = table[:, shots.index(0)]
+    for i, k in enumerate(shots):
+      if k:
+        wins = int(np.sum((table[:, i] >= zero + GAIN) & (table[:, i] >= chance + GAIN)))
+        lines.append(f"- {k} shots >= 0 shots + {GAIN:.2f} and >= chance + {GAIN:.2f}: {wins} of "
+                     f"{len(table)} runs.")
+  return lines
+
+
 def write(workdir: str, stage_dirs: dict[str, str], retrieval: dict[str, float],
           copying: dict[str, float], fewshot: dict[str, dict[str, float]],
-          seconds: dict[str, float]) -> str:
-  """Writes workdir/report.md (and its plots); returns its path."""
+          seconds: dict[str, float], runs: dict[tuple[int, int], tuple[dict, dict]] = None) -> str:
+  """Writes workdir/report.md (and its plots); returns its path. `runs`: {(stage-1 seed, stage-3
+  seed): (stage-1 retrieval, few-shot results)} of the demo's --seeds, tabulated per task."""
+  runs = runs or {}
   stages = {title: read_metrics(d) for title, d in stage_dirs.items()}
   flamingo_rows = stages[list(stages)[-1]]
   lines = ["# Flamingo demo report", "",
@@ -114,7 +153,9 @@ def write(workdir: str, stage_dirs: dict[str, str], retrieval: dict[str, float],
               f"| {metric} | " + " | ".join(f"{v:.3f}" for v in values) + " |"]
     if "chance" in result:
       lines.append("| chance | " + " | ".join(f"{result['chance']:.3f}" for _ in shots) + " |")
-    lines += ["", f"![{task}]({plot_fewshot(workdir, task, result)})", ""]
+    spread = [r[task] for _, r in runs.values()]
+    lines += seed_table(task, runs) if runs else []
+    lines += ["", f"![{task}]({plot_fewshot(workdir, task, result, spread)})", ""]
   lines += ["Total wall time: {:.0f} s.".format(sum(seconds.values())), ""]
   path = os.path.join(workdir, "report.md")
   with open(path, "w") as f:

@@ -38,9 +38,11 @@ def backbone_paths(workdir: str) -> tuple[str, str, str]:
 
 def stage3(config, workdir: str, stage_dir: str, seconds: dict) -> dict:
   """Trains `config` (configs/demo.py) in `stage_dir` on `workdir`'s tokenizer and frozen stage-1/2
-  checkpoints (a config.lm_init already set is kept), then returns its few-shot results.
+  checkpoints (a config.vision_init or config.lm_init already set is kept), then returns its
+  few-shot results.
   """
-  config.input.tokenizer, config.vision_init, lm_init = backbone_paths(workdir)
+  config.input.tokenizer, vision_init, lm_init = backbone_paths(workdir)
+  config.vision_init = config.vision_init or vision_init
   config.lm_init = config.lm_init or lm_init
   cache = None
   if config.get("cache_features"):  # The frozen NFNet's features, once per image (features.py).
@@ -93,9 +95,23 @@ def train_tokenizer(path: str) -> tokenizer_lib.Tokenizer:
   return tokenizer
 
 
-def run(workdir: str, short: bool = False, perceiver: bool = False) -> str:
+def _stage1(config, stage_dir: str, vision_path: str, seconds: dict) -> dict:
+  """Trains stage 1 in `stage_dir`, keeps its NFNet at `vision_path`; its zero-shot retrieval."""
+  params, trained = _stage("stage 1: contrastive", config, stage_dir, seconds)
+  if not epath.Path(vision_path).exists():
+    ckpt_lib.save_params(vision_path, {"vision": params["vision"]})
+  return _evaluate(config, stage_dir, trained)["retrieval"]
+
+
+def run(workdir: str, short: bool = False, mlp: bool = False, seeds: int = 1) -> str:
   """Runs every step of the demo into `workdir` (relative: to the current directory); returns the
-  report's path. `perceiver`: stage 3 as configs/demo.py:perceiver."""
+  report's path. `mlp`: stage 3 as configs/demo.py:mlp (the ablation). `seeds` > 1: also stage 1
+  with seeds 1..seeds-1 and stage 3 with seeds 0..seeds-1 on each stage-1 encoder (workdir/seeds/),
+  and the report shows the spread over all seeds x seeds runs (stage 2 and the tokenizer are
+  shared).
+  """
+  if seeds < 1:
+    raise ValueError(f"seeds must be >= 1, got {seeds}.")
   workdir = paths.resolve(workdir)
   arg = "short" if short else None
   os.makedirs(workdir, exist_ok=True)
@@ -104,17 +120,16 @@ def run(workdir: str, short: bool = False, perceiver: bool = False) -> str:
   tokenizer_path, vision_init, lm_init = backbone_paths(workdir)
   train_tokenizer(tokenizer_path)
   seconds["tokenizer"] = time.perf_counter() - start
-  stage3_dir = "stage3_perceiver" if perceiver else "stage3"
+  stage3_dir = "stage3_mlp" if mlp else "stage3"
   dirs = {t: os.path.join(workdir, d) for t, d in (("stage 1: contrastive", "stage1"),
                                                     ("stage 2: LM", "stage2"),
                                                     ("stage 3: Flamingo", stage3_dir))}
+  def stage1_config(seed: int):
+    config = nfnet_contrastive.get_config(arg)
+    config.input.tokenizer, config.seed = tokenizer_path, seed
+    return config
 
-  c1 = nfnet_contrastive.get_config(arg)
-  c1.input.tokenizer = tokenizer_path
-  params, trained = _stage("stage 1: contrastive", c1, dirs["stage 1: contrastive"], seconds)
-  if not epath.Path(vision_init).exists():
-    ckpt_lib.save_params(vision_init, {"vision": params["vision"]})
-  retrieval = _evaluate(c1, dirs["stage 1: contrastive"], trained)["retrieval"]
+  retrieval = _stage1(stage1_config(0), dirs["stage 1: contrastive"], vision_init, seconds)
   logging.info("Stage 1 zero-shot retrieval: %s", retrieval)
 
   c2 = lm_pretrain.get_config(arg)
@@ -125,9 +140,26 @@ def run(workdir: str, short: bool = False, perceiver: bool = False) -> str:
   copying = _evaluate(c2, dirs["stage 2: LM"], trained)["copying"]
   logging.info("Stage 2 in-context copying: %s", copying)
 
-  stage3_arg = ",".join(filter(None, (arg, "perceiver" if perceiver else "")))
+  stage3_arg = ",".join(filter(None, (arg, "mlp" if mlp else "")))
   fewshot = stage3(demo_config.get_config(stage3_arg), workdir, dirs["stage 3: Flamingo"], seconds)
   logging.info("Few-shot results: %s", json.dumps(fewshot))
-  path = report.write(workdir, dirs, retrieval, copying, fewshot, seconds)
+
+  runs = {}  # (stage-1 seed, stage-3 seed) -> (stage-1 retrieval, few-shot results).
+  for seed1 in range(seeds if seeds > 1 else 0):
+    vision, retrieval1 = vision_init, retrieval
+    if seed1:
+      seed_dir = os.path.join(workdir, "seeds", f"stage1_seed{seed1}")
+      vision = os.path.join(seed_dir, "vision")
+      retrieval1 = _stage1(stage1_config(seed1), seed_dir, vision, {})
+    for seed3 in range(seeds):
+      if seed1 == seed3 == 0:
+        runs[0, 0] = retrieval, fewshot
+        continue
+      config = demo_config.get_config(stage3_arg)
+      config.seed, config.vision_init = seed3, vision
+      stage_dir = os.path.join(workdir, "seeds", f"{stage3_dir}_{seed1}_{seed3}")
+      logging.info("Seeds: stage 1 %d, stage 3 %d.", seed1, seed3)
+      runs[seed1, seed3] = retrieval1, stage3(config, workdir, stage_dir, {})
+  path = report.write(workdir, dirs, retrieval, copying, fewshot, seconds, runs)
   logging.info("Wrote %s (%.0f s in all).", path, sum(seconds.values()))
   return path

@@ -90,7 +90,7 @@ class PerceiverResampler(nn.Module):
   latent_std: float = 1.0  # The latents' init std (OpenFlamingo's: N(0, 1)).
   # The init std of the input and attention projections' kernels. 0.02 is the LM's; torch's
   # default Linear init (OpenFlamingo's) is ~1/sqrt(3 fan_in). Why the demo sets 1/sqrt(dim):
-  # configs/demo.py:perceiver.
+  # configs/demo.py.
   kernel_std: float = 0.02
   unroll_layers: bool = False  # As LMConfig.unroll_layers.
   dtype: Dtype = jnp.float32
