@@ -15,7 +15,7 @@ from flamingo_jax.configs import demo
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   short = common.parse_arg(arg, short=False).short
-  config = demo.training(total_steps=200 if short else 300, lr=2e-3, short=short)
+  config = demo.training(total_steps=200 if short else 400, lr=2e-3, short=short)
   config.model_name = "contrastive"
   config.model = ml_collections.ConfigDict(dict(
       vision=demo.vision(),
