@@ -124,6 +124,7 @@ def run(workdir: str, short: bool = False, mlp: bool = False, seeds: int = 1) ->
   dirs = {t: os.path.join(workdir, d) for t, d in (("stage 1: contrastive", "stage1"),
                                                     ("stage 2: LM", "stage2"),
                                                     ("stage 3: Flamingo", stage3_dir))}
+
   def stage1_config(seed: int):
     config = nfnet_contrastive.get_config(arg)
     config.input.tokenizer, config.seed = tokenizer_path, seed
@@ -144,17 +145,15 @@ def run(workdir: str, short: bool = False, mlp: bool = False, seeds: int = 1) ->
   fewshot = stage3(demo_config.get_config(stage3_arg), workdir, dirs["stage 3: Flamingo"], seconds)
   logging.info("Few-shot results: %s", json.dumps(fewshot))
 
-  runs = {}  # (stage-1 seed, stage-3 seed) -> (stage-1 retrieval, few-shot results).
-  for seed1 in range(seeds if seeds > 1 else 0):
+  # (stage-1 seed, stage-3 seed) -> (stage-1 retrieval, few-shot results); (0, 0) is the run above.
+  runs = {(0, 0): (retrieval, fewshot)} if seeds > 1 else {}
+  for seed1 in range(seeds):
     vision, retrieval1 = vision_init, retrieval
     if seed1:
       seed_dir = os.path.join(workdir, "seeds", f"stage1_seed{seed1}")
       vision = os.path.join(seed_dir, "vision")
       retrieval1 = _stage1(stage1_config(seed1), seed_dir, vision, {})
-    for seed3 in range(seeds):
-      if seed1 == seed3 == 0:
-        runs[0, 0] = retrieval, fewshot
-        continue
+    for seed3 in range(1 if seed1 == 0 else 0, seeds):
       config = demo_config.get_config(stage3_arg)
       config.seed, config.vision_init = seed3, vision
       stage_dir = os.path.join(workdir, "seeds", f"{stage3_dir}_{seed1}_{seed3}")

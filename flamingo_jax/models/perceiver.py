@@ -46,15 +46,15 @@ class PerceiverAttention(nn.Module):
 
   @nn.compact
   def __call__(self, x_f, x):  # x_f: [B, F, D]; x: [B, R, D] -> [B, R, D]
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, init_std=self.kernel_std)
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    dense_kw = dict(kw, init_std=self.kernel_std)
     proj = lambda name: layers.dense((self.num_heads, self.head_dim), ("embed", "heads", "kv"),
-                                     **kw, name=name)
-    norm_kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    x_f = layers.norm("layernorm", **norm_kw, name="norm_media")(x_f)
-    x = layers.norm("layernorm", **norm_kw, name="norm_latents")(x)
+                                     **dense_kw, name=name)
+    x_f = layers.norm("layernorm", **kw, name="norm_media")(x_f)
+    x = layers.norm("layernorm", **kw, name="norm_latents")(x)
     kv_in = jnp.concatenate([x_f, x], axis=1)
     out = layers.attention(proj("query")(x), proj("key")(kv_in), proj("value")(kv_in))
-    return layers.dense(x.shape[-1], ("heads", "kv", "embed"), axis=(-2, -1), **kw,
+    return layers.dense(x.shape[-1], ("heads", "kv", "embed"), axis=(-2, -1), **dense_kw,
                         name="out")(out)
 
 
