@@ -98,16 +98,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.input = ml_collections.ConfigDict(dict(
       kind="tfds", tokenizer="", num_workers=2,
       datasets=dict(
+          # cache: every dataset is small and read once into memory (reading a record costs as
+          # much as its pp; names: 20 episodes of 40 images).
           names=dict(tfds_name="shapes_fewshot/names", split="train", batch_size=16, weight=1.0,
-                     cache=True,  # 20 episodes of 40 images: decode them once.
+                     cache=True,
                      pp=f"name_episode(8)|{IMG_PP}|tokenize_document(max_len=80, max_media=8)"),
           m3w=dict(tfds_name="shapes_interleaved", split="train", batch_size=8, weight=1.0,
-                   pp=f"{IMG_PP}|tokenize_document(max_len=96, max_media=5)"),
+                   cache=True, pp=f"{IMG_PP}|tokenize_document(max_len=96, max_media=5)"),
           pairs=dict(tfds_name="shapes_pairs", split="train", batch_size=16, weight=0.2,
-                     pp=f"{IMG_PP}|tokenize_pair(max_len=32)"),
+                     cache=True, pp=f"{IMG_PP}|tokenize_pair(max_len=32)"),
           # Batches must split over the data-parallel devices: the test process has 8 (conftest).
           vtp=dict(tfds_name="shapes_video", split="train", batch_size=8 if arg.short else 4,
-                   weight=0.03,
+                   weight=0.03, cache=True,
                    pp=f"sample_frames(8)|{IMG_PP}|tokenize_video(max_len=32)"),
       ),
   ))

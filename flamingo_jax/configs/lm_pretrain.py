@@ -28,13 +28,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.optim.no_decay = r"norm|embed"
   config.input = ml_collections.ConfigDict(dict(
       kind="tfds", tokenizer="", num_workers=2,
+      # cache: the small datasets are read once into memory (reading a record costs more than
+      # its pp).
       datasets=dict(
           captions=dict(tfds_name="shapes_pairs", split="train", batch_size=32, weight=0.5,
-                        pp="tokenize_pair(max_len=32)"),  # Images pass through unused.
+                        cache=True, pp="tokenize_pair(max_len=32)"),  # Images pass through unused.
           documents=dict(tfds_name="shapes_interleaved", split="train", batch_size=16,
-                         weight=1.0, pp="tokenize_document(max_len=96, max_media=5)"),
+                         weight=1.0, cache=True,
+                         pp="tokenize_document(max_len=96, max_media=5)"),
           copies=dict(tfds_name="shapes_pairs", split="train", batch_size=32, weight=1.0,
-                      pp="copy_tokens(max_len=64, min_period=4, max_period=16)"),
+                      cache=True, pp="copy_tokens(max_len=64, min_period=4, max_period=16)"),
       ),
   ))
   return config

@@ -30,7 +30,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       kind="tfds", tokenizer="", num_workers=2,
       # 256, not 64: a batch then holds captions that differ only in the shape, so the tower must
       # see shapes (not just colours) to tell them apart; names episodes need it.
-      datasets=dict(pairs=dict(tfds_name="shapes_pairs", split="train", batch_size=256,
+      # cache: the 4,000 records are read once into memory (reading one costs as much as its pp).
+      datasets=dict(pairs=dict(tfds_name="shapes_pairs", split="train", batch_size=256, cache=True,
                                pp=f"flip|{demo.IMG_PP}|tokenize_pair(max_len=32)"))))
   config.eval = ml_collections.ConfigDict(dict(  # Zero-shot retrieval (flamingo_jax/eval/).
       tfds_name="shapes_pairs", split="test", pp=f"{demo.IMG_PP}|tokenize_pair(max_len=32)"))

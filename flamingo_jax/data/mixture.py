@@ -11,10 +11,11 @@ global batch. tf.data would need its own (non-JSON) iterator checkpoints or an O
 resume.
 
 The per-example pp (Python and numpy) runs in the calling thread, in `num_workers` threads (which
-overlap only where PIL and numpy release the GIL) or in `worker_processes` spawned processes, which
-share no GIL with the trainer. Each worker unpickles the sources (a cached dataset's records too)
-and builds the pp functions once; a task is one worker's share of one dataset's host batch, and
-the next step's tasks run while the current step trains. All three modes give the same batches bit
+overlap only where PIL and numpy release the GIL, and while XLA runs the step) or in
+`worker_processes` spawned processes, which share no GIL with the trainer. Each worker process
+unpickles the sources (a cached dataset's records too) and builds the pp functions once. With
+either kind of worker a task is one worker's share of one dataset's host batch, and the next
+step's tasks run while the current step trains. All three modes give the same batches bit
 for bit: an example depends only on (seed, dataset, position). The pool is the standard library's,
 not grain's (grain 0.2.18 would install cleanly): grain's multiprocess prefetch hands whole
 elements to workers under its own iterator state, so keeping `{'step'}`, host slicing and these
@@ -118,15 +119,21 @@ def stack(examples: Sequence[dict[str, Any]], name: str) -> dict[str, np.ndarray
   return batch
 
 
+def examples(source: Sequence[dict], pp_fn, *, seed: int, name: str, positions: np.ndarray,
+             records: np.ndarray) -> list[dict[str, Any]]:
+  """`example` for each (position, record): one task of a worker thread or process."""
+  return [example(source, pp_fn, seed=seed, name=name, position=p, record=r)
+          for p, r in zip(positions, records)]
+
+
 def host_batch(source: Sequence[dict], pp_fn, *, step: int, batch_size: int, seed: int, name: str,
-               process_index: int = 0, process_count: int = 1,
-               executor: concurrent.futures.Executor | None = None) -> dict[str, np.ndarray]:
+               process_index: int = 0, process_count: int = 1) -> dict[str, np.ndarray]:
   """This host's slice of dataset `name`'s global batch at `step` (numpy, leading axis B/P)."""
   positions, records = host_records(len(source), step=step, batch_size=batch_size, seed=seed,
                                     name=name, process_index=process_index,
                                     process_count=process_count)
-  fn = lambda p, r: example(source, pp_fn, seed=seed, name=name, position=p, record=r)
-  return stack(list((executor.map if executor else map)(fn, positions, records)), name)
+  return stack(examples(source, pp_fn, seed=seed, name=name, positions=positions,
+                        records=records), name)
 
 
 _WORKER = {}  # In a worker process: its sources, pp functions and seed (`_init_worker`).
@@ -156,8 +163,8 @@ def _process_pool(count: int, init: tuple, modules: Sequence[str]
 
 
 def _worker_examples(name: str, positions: np.ndarray, records: np.ndarray) -> list[dict]:
-  return [example(_WORKER["sources"][name], _WORKER["pp"][name], seed=_WORKER["seed"], name=name,
-                  position=p, record=r) for p, r in zip(positions, records)]
+  return examples(_WORKER["sources"][name], _WORKER["pp"][name], seed=_WORKER["seed"], name=name,
+                  positions=positions, records=records)
 
 
 def to_global(batch: Mapping[str, np.ndarray], mesh: Mesh,
@@ -218,13 +225,16 @@ class Mixture:
     if not 0 <= self._process_index < self._process_count:
       raise ValueError(
           f"process_index={self._process_index} is outside [0, {self._process_count}).")
-    self._processes, self._pending = worker_processes, {}
+    self._pending = {}  # {step: its tasks}, submitted while the previous step trains.
     if worker_processes:
       self._executor = _process_pool(worker_processes, (self.datasets, sources, tokenizer, seed),
                                      modules)
+      self._task, self._tasks_per_batch = _worker_examples, worker_processes
+    elif num_workers > 0:
+      self._executor = concurrent.futures.ThreadPoolExecutor(num_workers)
+      self._task, self._tasks_per_batch = self._examples, num_workers
     else:
-      self._executor = (concurrent.futures.ThreadPoolExecutor(num_workers) if num_workers > 0
-                        else None)
+      self._executor = None
     self._step = 0
 
   def get_state(self) -> dict[str, int]:
@@ -249,19 +259,23 @@ class Mixture:
   def __iter__(self):
     return self
 
+  def _examples(self, name: str, positions: np.ndarray, records: np.ndarray) -> list[dict]:
+    return examples(self._sources[name], self._pp[name], seed=self._seed, name=name,
+                    positions=positions, records=records)
+
   def _submit(self, step: int) -> dict[str, list[concurrent.futures.Future]]:
-    """Each dataset's host batch `step` as one task per worker process."""
+    """Each dataset's host batch `step` as one task per worker (thread or process)."""
     futures = {}
     for name, cfg in self.datasets.items():
       positions, records = host_records(
           len(self._sources[name]), step=step, batch_size=cfg["batch_size"], seed=self._seed,
           name=name, process_index=self._process_index, process_count=self._process_count)
-      futures[name] = [self._executor.submit(_worker_examples, name, p, r) for p, r in
-                       zip(np.array_split(positions, self._processes),
-                           np.array_split(records, self._processes)) if len(p)]
+      futures[name] = [self._executor.submit(self._task, name, p, r) for p, r in
+                       zip(np.array_split(positions, self._tasks_per_batch),
+                           np.array_split(records, self._tasks_per_batch)) if len(p)]
     return futures
 
-  def _from_processes(self) -> dict[str, dict[str, np.ndarray]]:
+  def _from_workers(self) -> dict[str, dict[str, np.ndarray]]:
     try:
       # Prefetched unless this is the first step or set_state moved (then that work is dropped).
       current = self._pending.pop(self._step, None) or self._submit(self._step)
@@ -273,13 +287,13 @@ class Mixture:
                          f"above): {e}") from e
 
   def __next__(self) -> dict[str, dict[str, Any]]:
-    if self._processes:
-      host = self._from_processes()
+    if self._executor is not None:
+      host = self._from_workers()
     else:
       host = {name: host_batch(
           self._sources[name], self._pp[name], step=self._step, batch_size=cfg["batch_size"],
           seed=self._seed, name=name, process_index=self._process_index,
-          process_count=self._process_count, executor=self._executor)
+          process_count=self._process_count)
               for name, cfg in self.datasets.items()}
     self._step += 1
     if self._mesh is None:
