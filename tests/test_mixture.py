@@ -182,6 +182,17 @@ def test_tfds_builder_source(tok, tiny_pairs):
   np.testing.assert_allclose(pixels, np.arange(6) * 10 / 127.5 - 1, atol=1e-6)  # One epoch.
 
 
+def test_cached_datasets_on_one_split_read_it_once_and_give_the_uncached_batches(tok, tiny_pairs):
+  both = lambda cache: {"a": {**tiny_pairs, "cache": cache},
+                        "b": {**tiny_pairs, "cache": cache, "pp": "tokenize_pair(max_len=8)"}}
+  cached = mixture.make_mixture(both(True), tokenizer=tok, seed=0)
+  assert isinstance(cached._sources["a"], list)  # pylint: disable=protected-access
+  assert cached._sources["a"] is cached._sources["b"]  # pylint: disable=protected-access
+  for a, b in zip(_take(cached, 4), _take(mixture.make_mixture(both(False), tokenizer=tok, seed=0),
+                                          4)):
+    _assert_equal(a, b)
+
+
 def test_coco_captions_through_mock_data(tok):
   cfg = {"tfds_name": "coco_captions", "split": "train", "batch_size": 4,
          "pp": "choose('captions/text', 'caption')|decode|resize_pad(16)|flip|value_range(-1, 1)|"

@@ -325,10 +325,14 @@ def make_mixture(datasets: Mapping[str, Mapping[str, Any]], *,
     state: a `get_state()` to resume from.
   """
   _check_config(datasets)
-  sources = {name: open_source(cfg["tfds_name"], cfg["split"], cfg.get("data_dir") or None, name)
-             for name, cfg in datasets.items()}
-  sources = {name: list(source) if datasets[name].get("cache") else source
-             for name, source in sources.items()}
+  opened = {}  # Datasets on the same split (e.g. one pairs split, two pp strings) share its source.
+  sources = {}
+  for name, cfg in datasets.items():
+    key = (cfg["tfds_name"], cfg["split"], cfg.get("data_dir") or None, bool(cfg.get("cache")))
+    if key not in opened:
+      source = open_source(*key[:3], name)
+      opened[key] = list(source) if key[3] else source
+    sources[name] = opened[key]
   mixture = Mixture(datasets, sources, tokenizer=tokenizer, seed=seed, mesh=mesh,
                     batch_axes=batch_axes, process_index=process_index,
                     process_count=process_count, num_workers=num_workers,
