@@ -109,6 +109,34 @@ def test_a_stage_stopped_early_ends_the_demo(monkeypatch):
   assert run._stage("stage 1", config, "unused", {}) == ({"a": 1}, False)  # pylint: disable=protected-access
 
 
+def test_a_finished_stage_is_not_set_up_again(monkeypatch, tmp_path):
+  """A re-run skips the trainer for a stage whose last checkpoint, eval.json and handed-on files
+  are all there (keeping its earlier wall time), and trains when any of them is missing."""
+  from flamingo_jax.configs import demo as demo_config  # pylint: disable=g-import-not-at-top
+  from flamingo_jax.demo import run  # pylint: disable=g-import-not-at-top
+  config = demo_config.get_config()
+  manager = run.ckpt_lib.make_manager(str(tmp_path), config)
+  run.ckpt_lib.save(manager, config.total_steps, {"w": np.zeros(2)}, {}, force=True)
+  run.ckpt_lib.finish(manager)
+  (tmp_path / "eval.json").write_text("{}")
+  (tmp_path / "vision").mkdir()
+  calls = []
+  monkeypatch.setattr(run.trainer, "train", lambda c, w: calls.append(c.total_steps) or (
+      {"step": np.int32(c.total_steps), "params": {"a": 1}}, None, {}))
+  stage = lambda seconds: run._stage("stage 1", config, str(tmp_path), seconds,  # pylint: disable=protected-access
+                                     (str(tmp_path / "vision"),))
+  seconds = {"stage 1": 75.0}
+  assert stage(seconds) == (None, False) and not calls and seconds == {"stage 1": 75.0}
+  config.total_steps += 1  # A longer run of the same workdir trains on.
+  assert stage(seconds) == ({"a": 1}, False) and calls == [config.total_steps]
+  config.total_steps -= 1
+  for missing in (tmp_path / "eval.json", tmp_path / "vision"):
+    missing.rename(tmp_path / "aside")
+    assert stage({}) == ({"a": 1}, False), missing
+    (tmp_path / "aside").rename(missing)
+  assert len(calls) == 3 and stage({}) == (None, False) and len(calls) == 3
+
+
 def _tiny_encoder(seed: int, strides=(1, 2, 1, 1)):
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
@@ -162,7 +190,7 @@ def test_seeds_train_every_stage3_seed_on_every_stage1_encoder(monkeypatch, tmp_
   from flamingo_jax.demo import run  # pylint: disable=g-import-not-at-top
   trained, stage3_runs, saved = [], [], []
   monkeypatch.setattr(run, "train_tokenizer", lambda path: None)
-  monkeypatch.setattr(run, "_stage", lambda title, config, workdir, seconds: (
+  monkeypatch.setattr(run, "_stage", lambda title, config, workdir, seconds, handed_on=(): (
       trained.append((title, config.seed, workdir)) or ({"vision": config.seed}, True)))
   monkeypatch.setattr(run, "_evaluate", lambda config, stage_dir, trained: {
       "retrieval": {"i2t_recall@1": config.seed}, "copying": {}})

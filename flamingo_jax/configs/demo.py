@@ -8,7 +8,7 @@ Stage 3 alone, after stages 1-2 (configs/nfnet_contrastive.py, configs/lm_pretra
     --config.vision_init=workdir/stage1/vision --config.lm_init=workdir/stage2/lm
   python launch.py --config=flamingo_jax/configs/demo.py --workdir=workdir/stage3 --mode=eval \
     ...(same flags)
-`configs/demo.py:short` is the end-to-end test's shortened run: fewer queries, the same 600 steps.
+`configs/demo.py:short` is the end-to-end test's shortened run: the same training, fewer queries.
 `configs/demo.py:mlp` is the paper's "Resampler: MLP" ablation in place of the Perceiver.
 
 The sizes of all three stages live here, so the stages' checkpoints fit each other. Training mixes
@@ -107,8 +107,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                    cache=True, pp=f"{IMG_PP}|tokenize_document(max_len=96, max_media=5)"),
           pairs=dict(tfds_name="shapes_pairs", split="train", batch_size=16, weight=0.2,
                      cache=True, pp=f"{IMG_PP}|tokenize_pair(max_len=32)"),
-          # Batches must split over the data-parallel devices: the test process has 8 (conftest).
-          vtp=dict(tfds_name="shapes_video", split="train", batch_size=8 if arg.short else 4,
+          vtp=dict(tfds_name="shapes_video", split="train", batch_size=4,
                    weight=0.03, cache=True,
                    pp=f"sample_frames(8)|{IMG_PP}|tokenize_video(max_len=32)"),
       ),

@@ -124,7 +124,8 @@ def write(workdir: str, stage_dirs: dict[str, str], retrieval: dict[str, float],
   lines = ["# Flamingo demo report", "",
            "Three stages on the embedded shapes dataset, then few-shot evaluation on TEST splits "
            "(names: made-up names never seen in training).", "",
-           "## Training", "", "| stage | steps | final loss | first loss | wall time (s) |",
+           "## Training", "",
+           "| stage | steps | final loss | first loss | wall time (s, the run that trained it) |",
            "|---|---|---|---|---|"]
   for title, rows in stages.items():
     lines.append(f"| {title} | {rows[-1]['step']} | {rows[-1]['loss']:.3f} | "

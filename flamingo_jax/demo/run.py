@@ -51,7 +51,8 @@ def stage3(config, workdir: str, stage_dir: str, seconds: dict) -> dict:
   _, trained = _stage("stage 3: Flamingo", config, stage_dir, seconds)
   start = time.perf_counter()
   fewshot = _evaluate(config, stage_dir, trained)
-  seconds["few-shot evaluation"] = time.perf_counter() - start
+  if trained or "few-shot evaluation" not in seconds:  # Else: read back, the earlier run's time.
+    seconds["few-shot evaluation"] = time.perf_counter() - start
   if cache is not None:
     logging.info("Feature cache %s: %d images encoded, %d reused.", cache.key, cache.misses,
                   cache.hits)
@@ -59,10 +60,22 @@ def stage3(config, workdir: str, stage_dir: str, seconds: dict) -> dict:
   return fewshot
 
 
-def _stage(title: str, config, workdir: str, seconds: dict) -> tuple[dict, bool]:
-  """Trains `config` in `workdir` (resuming): (its trainable parameters, whether a step ran)."""
+def _stage(title: str, config, workdir: str, seconds: dict,
+           handed_on: tuple[str, ...] = ()) -> tuple[dict | None, bool]:
+  """Trains `config` in `workdir` (resuming): (its trainable parameters, whether a step ran).
+
+  A finished stage (its last step's checkpoint, its eval.json and the files it hands on, e.g.
+  stage 1's NFNet, all there) gives (None, False) without the trainer, whose setup (input, model,
+  restore) only to train nothing took 12 s of stage 1 and 22 s of stage 3 on a re-run; its entry
+  in `seconds` stays the earlier run's.
+  """
   logging.info("===== %s: %d steps in %s =====", title, config.total_steps, workdir)
   start = time.perf_counter()
+  done = [os.path.join(workdir, "eval.json"), *handed_on]
+  if (config.total_steps in ckpt_lib.saved_steps(workdir)
+      and all(epath.Path(p).exists() for p in done)):
+    logging.info("%s finished in an earlier run: nothing to train.", title)
+    return None, False
   state, _, last = trainer.train(config, workdir)
   seconds[title] = time.perf_counter() - start
   step = int(state["step"])
@@ -97,7 +110,7 @@ def train_tokenizer(path: str) -> tokenizer_lib.Tokenizer:
 
 def _stage1(config, stage_dir: str, vision_path: str, seconds: dict) -> dict:
   """Trains stage 1 in `stage_dir`, keeps its NFNet at `vision_path`; its zero-shot retrieval."""
-  params, trained = _stage("stage 1: contrastive", config, stage_dir, seconds)
+  params, trained = _stage("stage 1: contrastive", config, stage_dir, seconds, (vision_path,))
   if not epath.Path(vision_path).exists():
     ckpt_lib.save_params(vision_path, {"vision": params["vision"]})
   return _evaluate(config, stage_dir, trained)["retrieval"]
@@ -115,7 +128,9 @@ def run(workdir: str, short: bool = False, mlp: bool = False, seeds: int = 1) ->
   workdir = paths.resolve(workdir)
   arg = "short" if short else None
   os.makedirs(workdir, exist_ok=True)
-  seconds = {}
+  # Each part's wall time in the run that last did it, so a re-run's report keeps the stages' times.
+  seconds_path = epath.Path(workdir) / "wall_seconds.json"
+  seconds = json.loads(seconds_path.read_text()) if seconds_path.exists() else {}
   start = time.perf_counter()
   tokenizer_path, vision_init, lm_init = backbone_paths(workdir)
   train_tokenizer(tokenizer_path)
@@ -135,7 +150,7 @@ def run(workdir: str, short: bool = False, mlp: bool = False, seeds: int = 1) ->
 
   c2 = lm_pretrain.get_config(arg)
   c2.input.tokenizer = tokenizer_path
-  params, trained = _stage("stage 2: LM", c2, dirs["stage 2: LM"], seconds)
+  params, trained = _stage("stage 2: LM", c2, dirs["stage 2: LM"], seconds, (lm_init,))
   if not epath.Path(lm_init).exists():
     ckpt_lib.save_params(lm_init, {"lm": params})  # Plain: it serves every placement.
   copying = _evaluate(c2, dirs["stage 2: LM"], trained)["copying"]
@@ -159,6 +174,7 @@ def run(workdir: str, short: bool = False, mlp: bool = False, seeds: int = 1) ->
       stage_dir = os.path.join(workdir, "seeds", f"{stage3_dir}_{seed1}_{seed3}")
       logging.info("Seeds: stage 1 %d, stage 3 %d.", seed1, seed3)
       runs[seed1, seed3] = retrieval1, stage3(config, workdir, stage_dir, {})
+  seconds_path.write_text(json.dumps(seconds, indent=2))
   path = report.write(workdir, dirs, retrieval, copying, fewshot, seconds, runs)
   logging.info("Wrote %s (%.0f s in all).", path, sum(seconds.values()))
   return path

@@ -188,6 +188,12 @@ def read_lm_config(directory: epath.PathLike) -> lm_lib.LMConfig:
   return lm_lib.make_config(json.loads((epath.Path(directory) / LM_CONFIG).read_text()))
 
 
+def saved_steps(workdir: str) -> list[int]:
+  """The steps of workdir/checkpoints' complete (finalized) checkpoints; creates nothing."""
+  directory = epath.Path(workdir) / "checkpoints"
+  return ocp.utils.checkpoint_steps(directory) if directory.is_dir() else []
+
+
 def make_manager(workdir: str, config) -> ocp.CheckpointManager:
   """Async manager under workdir/checkpoints: keeps the last `keep_last` and every `keep_every`."""
   options = ocp.CheckpointManagerOptions(
