@@ -168,6 +168,13 @@ def test_feature_cache_encodes_each_image_once_under_its_encoders_key(tmp_path):
   assert len(again) == 5 and np.array_equal(again(images), out) and again.misses == 0
   other_cfg, other_params = _tiny_encoder(1)
   assert features.cache_key(other_cfg, other_params) != cache.key
+  # An image's features are the same bits whichever images missed the cache with it (alone, or
+  # with 12 others: batch 1 and 16 gave different bits before every batch was ENCODE_BATCH).
+  alone = features.FeatureCache(cache.key, cfg, params)(images[0, :1, 0])
+  np.testing.assert_array_equal(alone[0], out[0, 0, 0])
+  many = np.concatenate([images[0, :1, 0], np.random.default_rng(1).uniform(
+      -1, 1, (12, 32, 32, 3)).astype(np.float32)])
+  np.testing.assert_array_equal(features.FeatureCache(cache.key, cfg, params)(many)[0], alone[0])
   coarse_cfg, _ = _tiny_encoder(0, strides=(1, 2, 2, 2))
   assert features.cache_key(coarse_cfg, params) != cache.key
 

@@ -27,12 +27,17 @@ from flamingo_jax.models import nfnet
 from flamingo_jax.train import checkpoint as ckpt_lib
 
 _CACHES: dict[str, "FeatureCache"] = {}  # By key: pp ops find theirs by name.
+# Every image is encoded in a batch of exactly this many: XLA's CPU convolutions gave bitwise
+# different features at batch 1 or 2 than at 8 to 128 (up to 7e-7), so with padding to a power of 2
+# an image's features depended on which images missed the cache with it, and stage 3 differed from
+# run to run (final loss 1.610 vs 1.600). In the cache key: it is part of what makes a feature.
+ENCODE_BATCH = 8
 
 
 def cache_key(vision_cfg, vision_params) -> str:
   """A hash of the encoder: its config (grid and dtypes included) and every parameter. With the
   per-image key (the preprocessed pixels' bytes), it is all that determines a feature."""
-  h = hashlib.sha256()
+  h = hashlib.sha256(f"encode_batch={ENCODE_BATCH}".encode())
   cfg = dataclasses.asdict(vision_cfg)
   h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
   for path, leaf in sorted(jax.tree_util.tree_flatten_with_path(vision_params)[0],
@@ -78,9 +83,10 @@ class FeatureCache:
       missing = {d: i for i, d in enumerate(digests) if d not in self._features}
     if missing:
       batch = flat[list(missing.values())]
-      size = 1 << (len(batch) - 1).bit_length()  # Padded to a power of 2: few compilations.
-      batch = np.concatenate([batch, np.zeros((size - len(batch), *batch.shape[1:]), batch.dtype)])
-      encoded = np.asarray(self._encode(batch))[:len(missing)]
+      pad = np.zeros((-len(batch) % ENCODE_BATCH, *batch.shape[1:]), batch.dtype)
+      batch = np.concatenate([batch, pad])
+      encoded = np.concatenate([np.asarray(self._encode(chunk)) for chunk in
+                                np.split(batch, len(batch) // ENCODE_BATCH)])[:len(missing)]
       with self._lock:
         self._features.update(zip(missing, encoded))
         self.misses += len(missing)
