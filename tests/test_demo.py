@@ -31,7 +31,7 @@ def _run_demo(cwd, cache) -> str:
   """`python -m flamingo_jax.demo --workdir=wd --short` as a user runs it: from `cwd`, outside the
   checkout, with the package as installed (no PYTHONPATH)."""
   # One CPU device at XLA's default optimisation, as scripts/demo.sh runs it: 8 virtual devices
-  # on the 2 cores (helpers.env) made the run ~1.4x slower, and -O0's faster compiles cost more
+  # on the 2 cores (helpers.env) made the run ~1.3x slower, and -O0's faster compiles cost more
   # than they save over 1,600 steps.
   env = dict(helpers.env(cache, pythonpath=False), XLA_FLAGS="")
   result = subprocess.run([sys.executable, "-m", "flamingo_jax.demo", "--workdir=wd", "--short"],
