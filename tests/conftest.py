@@ -2,6 +2,7 @@
 torch."""
 import os
 
+import jax
 import pytest
 
 from tests import peers
@@ -21,11 +22,24 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 peers.patch_torchvision_ops()
 
 
+def pytest_configure(config):
+  """JAX's persistent compilation cache, kept across runs in pytest's cache directory
+  (.pytest_cache/d/jax_compilation; `pytest --cache-clear` empties it), for this process and,
+  through train_helpers.env, the tests' subprocesses: most of a test's time on CPU is compiling
+  small programs, and a re-run then loads them (tests/test_lm.py and test_flamingo.py: 140 -> 51 s).
+  A fresh clone (CI) starts with an empty one."""
+  if getattr(config, "cache", None) is None:  # -p no:cacheprovider: a cache per session only.
+    return
+  jax.config.update("jax_compilation_cache_dir", str(config.cache.mkdir("jax_compilation")))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+  jax.config.update("jax_compilation_cache_max_size", helpers.CACHE_MAX_BYTES)
+
+
 @pytest.fixture(scope="session")
 def reference(tmp_path_factory):
   """An uninterrupted run of the tiny config (train_helpers.TINY); its final checkpoint is the
   target of every resume test. -> (workdir, compilation cache)."""
-  cache = helpers.shared_dir(tmp_path_factory, "jax_cache")
+  cache = helpers.compilation_cache(tmp_path_factory)
   workdir = tmp_path_factory.mktemp("reference")
   helpers.run(workdir, cache_dir=cache)
   return workdir, cache

@@ -43,7 +43,7 @@ def _run_demo(cwd, cache) -> str:
 @pytest.mark.slow
 def test_short_demo_writes_report_and_resumes(tmp_path_factory):
   tmp_path = tmp_path_factory.mktemp("user") / "wd"
-  cache = helpers.shared_dir(tmp_path_factory, "jax_cache")
+  cache = helpers.compilation_cache(tmp_path_factory)
   path = pathlib.Path(_run_demo(tmp_path.parent, cache))
   assert path == tmp_path / "report.md"
   text = path.read_text()

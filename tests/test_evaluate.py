@@ -135,7 +135,7 @@ def test_launch_evaluates_benchmarks_in_training_and_from_the_command_line(tmp_p
   from tests import benchmark_fixtures  # pylint: disable=g-import-not-at-top
   import train_helpers as helpers  # pylint: disable=g-import-not-at-top
   base = tmp_path_factory.mktemp("e2e")
-  cache = helpers.shared_dir(tmp_path_factory, "jax_cache")
+  cache = helpers.compilation_cache(tmp_path_factory)
   words = ["a", "red", "blue", "cat", "on", "mat", "what", "is", "it", "yes", "no"]
   texts = [" ".join(np.random.default_rng(i).choice(words, 6)) for i in range(200)]
   tokenizer_lib.train_sentencepiece(texts + ["Output: Question: Answer:"] * 5, 64,

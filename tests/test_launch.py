@@ -16,7 +16,7 @@ import train_helpers as helpers
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
-  return helpers.shared_dir(tmp_path_factory, "jax_cache")
+  return helpers.compilation_cache(tmp_path_factory)
 
 
 @pytest.mark.slow  # Two launch.py trainings, the first compiling cold: 1-3 minutes on 2 cores.

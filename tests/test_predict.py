@@ -38,7 +38,7 @@ def _train(workdir: str, tokenizer: str) -> None:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
   """(workdir, compilation cache, image paths {name: path}) of the trained tiny model."""
-  cache = helpers.shared_dir(tmp_path_factory, "jax_cache")
+  cache = helpers.compilation_cache(tmp_path_factory)
   base = tmp_path_factory.mktemp("predict")
   rng = np.random.default_rng(0)
   texts = [" ".join(rng.choice(WORDS, 8)) + "." for _ in range(300)]

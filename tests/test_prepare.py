@@ -382,7 +382,7 @@ def test_tiny_flamingo_trains_on_prepared_data(documents, tmp_path, tmp_path_fac
       f'  config.input = ml_collections.ConfigDict(dict(kind="tfds", tokenizer={tok_path!r}, '
       f'worker_processes=2, datasets={datasets!r}))\n'
       '  return config\n')
-  cache = helpers.shared_dir(tmp_path_factory, 'jax_cache')
+  cache = helpers.compilation_cache(tmp_path_factory)
   workdir = tmp_path / 'run'
   result = subprocess.run(
       [sys.executable, str(helpers.ROOT / 'launch.py'), f'--workdir={workdir}',

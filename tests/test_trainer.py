@@ -112,7 +112,7 @@ def test_paper_config_names_its_required_fields(tmp_path):
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
   """An uninterrupted run of the tiny config on mesh (8, 1, 1)."""
-  cache = helpers.shared_dir(tmp_path_factory, "jax_cache")
+  cache = helpers.compilation_cache(tmp_path_factory)
   workdir = tmp_path_factory.mktemp("reference")
   helpers.run(workdir, cache_dir=cache)
   return workdir, cache
@@ -134,7 +134,7 @@ def test_same_loss_on_every_mesh(reference, tmp_path, mesh):
 @pytest.mark.slow
 def test_round_robin_updates_with_one_dataset_per_step_in_turn(tmp_path, tmp_path_factory):
   """mixture_mode='round_robin' (paper Table 3's ablation): each step one dataset, cycling."""
-  cache = helpers.shared_dir(tmp_path_factory, "jax_cache")
+  cache = helpers.compilation_cache(tmp_path_factory)
   helpers.run(tmp_path, "--config.mixture_mode=round_robin", "--config.total_steps=4",
               cache_dir=cache)
   rows = helpers.metrics(tmp_path)

@@ -13,6 +13,9 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 # Short runs that checkpoint and log often; every run of a test uses the same ones.
 TINY = [f"--config={ROOT / 'flamingo_jax' / 'configs' / 'tiny.py'}", "--config.total_steps=6",
         "--config.ckpt_every=2", "--config.log_every=1", "--config.lr_schedule.warmup_steps=2"]
+# The compilation cache's bound: least recently used programs go past it (the whole suite writes
+# ~60 MB of 4,400 programs for the not-slow tier).
+CACHE_MAX_BYTES = 2 ** 30
 
 
 def env(cache_dir: str, pythonpath: bool = True, extra_env=None) -> dict[str, str]:
@@ -22,6 +25,7 @@ def env(cache_dir: str, pythonpath: bool = True, extra_env=None) -> dict[str, st
   return dict(base, **(extra_env or {}), JAX_PLATFORMS="cpu",
               JAX_COMPILATION_CACHE_DIR=str(cache_dir),
               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+              JAX_COMPILATION_CACHE_MAX_SIZE=str(CACHE_MAX_BYTES),
               **({"PYTHONPATH": str(ROOT)} if pythonpath else {}),
               XLA_FLAGS="--xla_force_host_platform_device_count=8 "
                         "--xla_backend_optimization_level=0 "
@@ -60,10 +64,13 @@ def as_numpy(path) -> dict:
       restore_args=as_numpy))
 
 
-def shared_dir(tmp_path_factory, name: str) -> pathlib.Path:
-  """A directory shared by the pytest-xdist workers of one session (the compilation cache)."""
+def compilation_cache(tmp_path_factory) -> pathlib.Path:
+  """The JAX compilation cache for the tests' subprocesses: the one conftest gives this process
+  (kept across runs), else a directory shared by the pytest-xdist workers of one session."""
+  if jax.config.jax_compilation_cache_dir:
+    return pathlib.Path(jax.config.jax_compilation_cache_dir)
   base = tmp_path_factory.getbasetemp()
   base = base.parent if base.name.startswith("popen-gw") else base
-  path = base / name
+  path = base / "jax_cache"
   path.mkdir(exist_ok=True)
   return path

@@ -89,14 +89,15 @@ GAIN = 0.30  # Issue #25's robustness bar: k-shot names accuracy >= 0-shot + GAI
 def seed_table(task: str, runs: dict[tuple[int, int], tuple[dict, dict]]) -> list[str]:
   """Markdown lines: `task`'s metric vs shots for every (stage-1, stage-3) seed, mean, min, max, and
   with a chance level, in how many runs each k > 0 beats both 0 shots and chance by GAIN."""
-  results = {seeds: fewshot[task] for seeds, (_, fewshot) in sorted(runs.items())}
+  ordered = sorted(runs.items())
+  results = {seeds: fewshot[task] for seeds, (_, fewshot) in ordered}
   _, shots, _ = shots_and_values(next(iter(results.values())))
   table = np.array([shots_and_values(r)[2] for r in results.values()])
   row = lambda label, values: f"| {label} | " + " | ".join(f"{v:.3f}" for v in values) + " |"
   lines = ["", f"Over {len(results)} runs (stage-1 seed, stage-3 seed; stage-1 zero-shot "
            "i2t recall@1):", "", "| run | " + " | ".join(map(str, shots)) + " |",
            "|---|" + "---|" * len(shots)]
-  for ((seed1, seed3), (retrieval, _)), values in zip(sorted(runs.items()), table):
+  for ((seed1, seed3), (retrieval, _)), values in zip(ordered, table):
     lines.append(row(f"{seed1}, {seed3} (i2t {retrieval.get('i2t_recall@1', float('nan')):.3f})",
                      values))
   lines += [row("mean", table.mean(axis=0)), row("min", table.min(axis=0)),
@@ -115,7 +116,8 @@ def seed_table(task: str, runs: dict[tuple[int, int], tuple[dict, dict]]) -> lis
 
 def write(workdir: str, stage_dirs: dict[str, str], retrieval: dict[str, float],
           copying: dict[str, float], fewshot: dict[str, dict[str, float]],
-          seconds: dict[str, float], runs: dict[tuple[int, int], tuple[dict, dict]] = None) -> str:
+          seconds: dict[str, float],
+          runs: dict[tuple[int, int], tuple[dict, dict]] | None = None) -> str:
   """Writes workdir/report.md (and its plots); returns its path. `runs`: {(stage-1 seed, stage-3
   seed): (stage-1 retrieval, few-shot results)} of the demo's --seeds, tabulated per task."""
   runs = runs or {}
