@@ -30,9 +30,8 @@ def pytest_configure(config):
   A fresh clone (CI) starts with an empty one."""
   if getattr(config, "cache", None) is None:  # -p no:cacheprovider: a cache per session only.
     return
-  jax.config.update("jax_compilation_cache_dir", str(config.cache.mkdir("jax_compilation")))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-  jax.config.update("jax_compilation_cache_max_size", helpers.CACHE_MAX_BYTES)
+  for name, value in helpers.cache_options(config.cache.mkdir("jax_compilation")).items():
+    jax.config.update(name, value)
 
 
 @pytest.fixture(scope="session")

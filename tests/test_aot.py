@@ -24,24 +24,27 @@ def test_bad_topology_name(name):
     aot.topology_name(name)
 
 
-def test_tiny_config_compiles_for_v4():
-  # Without a TPU client the executable cannot be read back from the persistent compilation
-  # cache (tests/conftest.py): a warning, then a compile anyway; so none here.
+@pytest.fixture
+def no_compilation_cache():
+  """Without a TPU client, an executable for a TPU topology cannot be read back from the persistent
+  compilation cache (tests/conftest.py): JAX warns, then compiles anyway."""
   enabled = jax.config.jax_enable_compilation_cache
   jax.config.update("jax_enable_compilation_cache", False)
-  try:
-    config = tiny.get_config()
-    config.mesh = (2, 2, 1)
-    (report,) = aot.compile_step(config, "v4:2x2x1")
-    assert report.chips == 4 and report.mesh == {"data": 2, "fsdp": 2, "model": 1}
-    assert report.datasets == ("interleaved", "pairs")
-    for field in ("argument_bytes", "output_bytes", "temp_bytes", "total_bytes"):
-      assert 0 < getattr(report, field) < report.hbm_bytes, field
-    assert report.hbm_bytes == 32 * aot.GiB
-    assert report.flops > 0 and report.step_seconds(0.5) > 0
-    assert "per chip: total" in report.format()
-  finally:
-    jax.config.update("jax_enable_compilation_cache", enabled)
+  yield
+  jax.config.update("jax_enable_compilation_cache", enabled)
+
+
+def test_tiny_config_compiles_for_v4(no_compilation_cache):
+  config = tiny.get_config()
+  config.mesh = (2, 2, 1)
+  (report,) = aot.compile_step(config, "v4:2x2x1")
+  assert report.chips == 4 and report.mesh == {"data": 2, "fsdp": 2, "model": 1}
+  assert report.datasets == ("interleaved", "pairs")
+  for field in ("argument_bytes", "output_bytes", "temp_bytes", "total_bytes"):
+    assert 0 < getattr(report, field) < report.hbm_bytes, field
+  assert report.hbm_bytes == 32 * aot.GiB
+  assert report.flops > 0 and report.step_seconds(0.5) > 0
+  assert "per chip: total" in report.format()
 
 
 def test_batch_that_does_not_split_names_the_field_and_the_divisor():

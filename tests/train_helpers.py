@@ -13,9 +13,15 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 # Short runs that checkpoint and log often; every run of a test uses the same ones.
 TINY = [f"--config={ROOT / 'flamingo_jax' / 'configs' / 'tiny.py'}", "--config.total_steps=6",
         "--config.ckpt_every=2", "--config.log_every=1", "--config.lr_schedule.warmup_steps=2"]
-# The compilation cache's bound: least recently used programs go past it (the whole suite writes
-# ~60 MB of 4,400 programs for the not-slow tier).
-CACHE_MAX_BYTES = 2 ** 30
+
+
+def cache_options(cache_dir) -> dict[str, str | int]:
+  """JAX's compilation-cache options for the tests by jax.config name (the environment variable
+  is the name in upper case): every program cached, least recently used ones dropped past 1 GiB
+  (the not-slow tier writes ~60 MB in 4,400 programs)."""
+  return {"jax_compilation_cache_dir": str(cache_dir),
+          "jax_persistent_cache_min_compile_time_secs": 0,
+          "jax_compilation_cache_max_size": 2 ** 30}
 
 
 def env(cache_dir: str, pythonpath: bool = True, extra_env=None) -> dict[str, str]:
@@ -23,9 +29,7 @@ def env(cache_dir: str, pythonpath: bool = True, extra_env=None) -> dict[str, st
   without `pythonpath`, flamingo_jax is imported as installed, not from the checkout."""
   base = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
   return dict(base, **(extra_env or {}), JAX_PLATFORMS="cpu",
-              JAX_COMPILATION_CACHE_DIR=str(cache_dir),
-              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-              JAX_COMPILATION_CACHE_MAX_SIZE=str(CACHE_MAX_BYTES),
+              **{name.upper(): str(value) for name, value in cache_options(cache_dir).items()},
               **({"PYTHONPATH": str(ROOT)} if pythonpath else {}),
               XLA_FLAGS="--xla_force_host_platform_device_count=8 "
                         "--xla_backend_optimization_level=0 "
