@@ -169,3 +169,29 @@ def test_a_converted_lm_must_agree_with_config_model_lm(tmp_path):
   config.lm_init = str(tmp_path / "agrees")
   hf.save_converted(config.lm_init, lm_cfg, params)  # norm_bias: no bias in an RMSNorm.
   np.testing.assert_array_equal(load(config)[0]["token_embed"], params["token_embed"])
+
+
+def test_initial_params_are_one_init_of_the_whole_tree_then_the_backbones(stored_plain):
+  """trainer.initial_params compiles the init only for the trainable leaves and the frozen ones no
+  checkpoint holds (here the NFNet: config.vision_init is unset): bit for bit what one init of the
+  whole tree and load_backbones give, on the same shardings."""
+  config = tiny_config(stored_plain)
+  config.frozen_dtype = "bfloat16"
+  kind = kinds.get("flamingo")
+  setup = trainer.make_setup(config, kind.model(config), sharding_lib.make_mesh(config.mesh),
+                             {"interleaved": 1.0})
+  rng = jax.random.PRNGKey(3)
+  whole = jax.jit(setup.init, out_shardings=(setup.state_sh["params"], setup.frozen_sh))(rng)
+  want = state_lib.flat(state_lib.merge(*kind.load_backbones(config, *whole)))
+  got = state_lib.flat(state_lib.merge(*trainer.initial_params(config, kind, setup, rng)))
+  assert set(got) == set(want)
+  assert any(p.startswith("vision/") for p in want) and "lm/token_embed" in want
+  for path, x in want.items():
+    assert (got[path].dtype, got[path].sharding) == (x.dtype, x.sharding), path
+    np.testing.assert_array_equal(got[path], x, err_msg=path)
+  trainable, frozen = trainer.initial_params(config, kind, setup, rng, init_trainable=False)
+  assert state_lib.flat(frozen).keys() == state_lib.flat(whole[1]).keys()
+  for path, x in state_lib.flat(frozen).items():
+    np.testing.assert_array_equal(x, want[path], err_msg=path)
+  xattn = [x for p, x in state_lib.flat(trainable).items() if "xattn" in p]
+  assert xattn and all(isinstance(x, jax.ShapeDtypeStruct) for x in xattn)  # For a checkpoint.

@@ -53,9 +53,8 @@ def load(config, workdir: str, with_step: bool = False):
   mesh = sharding_lib.make_mesh(config.mesh)
   weights = {name: float(d.get("weight", 1.0)) for name, d in config.input.datasets.items()}
   setup = trainer.make_setup(config, model, mesh, weights)
-  trainable, frozen = jax.jit(setup.init, out_shardings=(setup.state_sh["params"],
-                                                         setup.frozen_sh))(jax.random.PRNGKey(0))
-  _, frozen = kind.load_backbones(config, trainable, frozen)
+  _, frozen = trainer.initial_params(config, kind, setup, jax.random.PRNGKey(0),
+                                     init_trainable=False)  # The checkpoint has the trainable.
   if not trained:
     trainable = ckpt_lib.load_params(config.init_from, setup.abstract_state["params"])
     return (model, state_lib.merge(trainable, frozen)) + ((0,) if with_step else ())

@@ -158,6 +158,29 @@ def make_setup(config, model: nn.Module, mesh: Mesh, weights: dict[str, float]) 
                jax.tree.map(with_sharding, abstract_frozen, frozen_sh), update)
 
 
+def initial_params(config, kind, setup: Setup, rng, init_trainable: bool = True
+                   ) -> tuple[dict, dict]:
+  """(trainable, frozen) to start from: frozen leaves from the backbones' checkpoints
+  (`kind.load_backbones`) and from the model's init only where no checkpoint holds them, trainable
+  ones from the init (`init_trainable`; else left abstract, for a checkpoint to fill). The init is
+  compiled only for the leaves it gives (JAX drops the rest): its random initialisers made the
+  compile of the whole tree take ~10 s of every demo stage on 2 CPU cores, frozen backbones
+  included, which the checkpoints then overwrote. Each leaf gets the value that one init of the
+  whole tree would give it: flax draws a parameter from `rng` and its path alone.
+  """
+  trainable = setup.abstract_state["params"]
+  if init_trainable:
+    trainable = jax.jit(lambda r: setup.init(r)[0], out_shardings=setup.state_sh["params"])(rng)
+  trainable, frozen = kind.load_backbones(config, trainable, setup.abstract_frozen)
+  frozen = state_lib.flat(frozen)
+  missing = [p for p, x in frozen.items() if not isinstance(x, jax.Array)]
+  if missing:
+    shardings = state_lib.flat(setup.frozen_sh)
+    frozen |= jax.jit(lambda r: {p: state_lib.flat(setup.init(r)[1])[p] for p in missing},
+                      out_shardings={p: shardings[p] for p in missing})(rng)
+  return trainable, state_lib.unflat(frozen)
+
+
 class _Sigterm:
   """Remembers a SIGTERM so the loop can finish its step, save and exit 0."""
 
@@ -232,13 +255,11 @@ def _train(config, workdir: str, lock: workdir_lock.WorkdirLock,
 
   # ----------------------------------------------------------------------- model, optimizer, step
   setup = make_setup(config, model, mesh, data.weights)
-  tx, state_sh, frozen_sh, abstract_state = (setup.tx, setup.state_sh, setup.frozen_sh,
-                                             setup.abstract_state)
+  tx, state_sh, abstract_state = setup.tx, setup.state_sh, setup.abstract_state
 
   # ----------------------------------------------------------------------- init
   rng = jax.random.PRNGKey(config.seed)
-  trainable, frozen = jax.jit(setup.init, out_shardings=(state_sh["params"], frozen_sh))(rng)
-  trainable, frozen = kind.load_backbones(config, trainable, frozen)  # From their own checkpoints.
+  trainable, frozen = initial_params(config, kind, setup, rng)  # Backbones: their checkpoints.
 
   # ----------------------------------------------------------------------- checkpoint (resume)
   manager = ckpt_lib.make_manager(workdir, config)

@@ -7,7 +7,8 @@ Each module exposes
   loss(outputs, batch) -> (loss sum, weight, metrics): the dataset's loss is the sum over
       microbatches of `loss sum` divided by that of `weight` (e.g. target tokens), so
       microbatching keeps a token mean exact.
-  load_backbones(config, trainable, frozen) -> (trainable, frozen)   (parts with their own ckpts)
+  load_backbones(config, trainable, frozen) -> (trainable, frozen)   (parts with their own ckpts;
+      leaves may be ShapeDtypeStructs with shardings: those it loads come back as arrays)
   gate_layers(config) -> [int]                   (LM layers with a gated xattn block, for metrics)
 """
 import importlib
