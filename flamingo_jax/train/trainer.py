@@ -175,9 +175,11 @@ def initial_params(config, kind, setup: Setup, rng, init_trainable: bool = True
   frozen = state_lib.flat(frozen)
   missing = [p for p, x in frozen.items() if not isinstance(x, jax.Array)]
   if missing:
+    def init_missing(r):  # One trace of the init; JAX compiles only what the missing leaves need.
+      leaves = state_lib.flat(setup.init(r)[1])
+      return {p: leaves[p] for p in missing}
     shardings = state_lib.flat(setup.frozen_sh)
-    frozen |= jax.jit(lambda r: {p: state_lib.flat(setup.init(r)[1])[p] for p in missing},
-                      out_shardings={p: shardings[p] for p in missing})(rng)
+    frozen |= jax.jit(init_missing, out_shardings={p: shardings[p] for p in missing})(rng)
   return trainable, state_lib.unflat(frozen)
 
 
