@@ -163,10 +163,10 @@ def initial_params(config, kind, setup: Setup, rng, init_trainable: bool = True
   """(trainable, frozen) to start from: frozen leaves from the backbones' checkpoints
   (`kind.load_backbones`) and from the model's init only where no checkpoint holds them, trainable
   ones from the init (`init_trainable`; else left abstract, for a checkpoint to fill). The init is
-  compiled only for the leaves it gives (JAX drops the rest): its random initialisers made the
-  compile of the whole tree take ~10 s of every demo stage on 2 CPU cores, frozen backbones
-  included, which the checkpoints then overwrote. Each leaf gets the value that one init of the
-  whole tree would give it: flax draws a parameter from `rng` and its path alone.
+  compiled only for the leaves it gives (JAX drops the rest): compiling the random initialisers
+  of the whole tree took ~10 s of the demo's stage 3 and of each evaluation's load on 2 CPU cores,
+  mostly for frozen backbones that the checkpoints then overwrote. Each leaf gets the value that
+  one init of the whole tree would give it: flax draws a parameter from `rng` and its path alone.
   """
   trainable = setup.abstract_state["params"]
   if init_trainable:
