@@ -160,27 +160,29 @@ def make_setup(config, model: nn.Module, mesh: Mesh, weights: dict[str, float]) 
 
 def initial_params(config, kind, setup: Setup, rng, init_trainable: bool = True
                    ) -> tuple[dict, dict]:
-  """(trainable, frozen) to start from: frozen leaves from the backbones' checkpoints
-  (`kind.load_backbones`) and from the model's init only where no checkpoint holds them, trainable
-  ones from the init (`init_trainable`; else left abstract, for a checkpoint to fill). The init is
-  compiled only for the leaves it gives (JAX drops the rest): compiling the random initialisers
-  of the whole tree took ~10 s of the demo's stage 3 and of each evaluation's load on 2 CPU cores,
-  mostly for frozen backbones that the checkpoints then overwrote. Each leaf gets the value that
-  one init of the whole tree would give it: flax draws a parameter from `rng` and its path alone.
+  """(trainable, frozen) to start from: the leaves the backbones' checkpoints hold
+  (`kind.load_backbones`), the rest from the model's init (trainable ones only with
+  `init_trainable`; else left abstract, for a checkpoint to fill). One init, compiled only for the
+  leaves it gives (JAX drops the rest): compiling the random initialisers of the whole tree took
+  ~10 s of the demo's stage 3 and of each evaluation's load on 2 CPU cores, mostly for frozen
+  backbones that the checkpoints then overwrote (docs/DEMO_RESULTS.md, 2026-12-06). Each leaf gets
+  the value that one init of the whole tree would give it: flax draws a parameter from `rng` and
+  its path alone.
   """
-  trainable = setup.abstract_state["params"]
-  if init_trainable:
-    trainable = jax.jit(lambda r: setup.init(r)[0], out_shardings=setup.state_sh["params"])(rng)
-  trainable, frozen = kind.load_backbones(config, trainable, setup.abstract_frozen)
-  frozen = state_lib.flat(frozen)
-  missing = [p for p, x in frozen.items() if not isinstance(x, jax.Array)]
-  if missing:
-    def init_missing(r):  # One trace of the init; JAX compiles only what the missing leaves need.
-      leaves = state_lib.flat(setup.init(r)[1])
-      return {p: leaves[p] for p in missing}
-    shardings = state_lib.flat(setup.frozen_sh)
-    frozen |= jax.jit(init_missing, out_shardings={p: shardings[p] for p in missing})(rng)
-  return trainable, state_lib.unflat(frozen)
+  loaded = kind.load_backbones(config, setup.abstract_state["params"], setup.abstract_frozen)
+  trees = [state_lib.flat(tree) for tree in loaded]  # [trainable, frozen]
+  missing = [[p for p, x in tree.items() if not isinstance(x, jax.Array)] for tree in trees]
+  if not init_trainable:
+    missing[0] = []
+  if any(missing):
+    def init_missing(r):
+      made = [state_lib.flat(tree) for tree in setup.init(r)]
+      return [{p: tree[p] for p in paths} for tree, paths in zip(made, missing)]
+    shardings = [state_lib.flat(setup.state_sh["params"]), state_lib.flat(setup.frozen_sh)]
+    made = jax.jit(init_missing, out_shardings=[
+        {p: sh[p] for p in paths} for sh, paths in zip(shardings, missing)])(rng)
+    trees = [tree | new for tree, new in zip(trees, made)]
+  return state_lib.unflat(trees[0]), state_lib.unflat(trees[1])
 
 
 class _Sigterm:
