@@ -79,6 +79,15 @@ def test_resize_pad_keeps_aspect_and_pads_with_the_mean():
   assert pp.build("resize_pad(16)")({"images": []})["images"].shape == (0, 16, 16, 3)
 
 
+def test_resize_pad_of_a_square_image_is_the_resize_alone():
+  image = np.random.default_rng(0).integers(0, 256, [24, 24, 3], dtype=np.uint8)
+  for size in (8, 24, 32):
+    out = pp.build(f"resize_pad({size})")({"image": image})["image"]
+    np.testing.assert_array_equal(
+        out, np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR)))
+    assert out.dtype == np.uint8 and out.flags.writeable
+
+
 def test_value_range():
   image = np.array([0, 255, 51], np.uint8)[None, None, :]
   out = pp.build("value_range(-1, 1)")({"image": image})["image"]
