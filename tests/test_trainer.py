@@ -54,6 +54,28 @@ def test_next_token_nll_uses_shifted_targets_and_mask():
   np.testing.assert_allclose(loss, -np.log(0.5), rtol=1e-6)  # Only logits[0] -> tokens[1].
 
 
+@pytest.mark.parametrize("shape", [(2, 7, 11), (3, 40, 514), (2, 16, 4099)])
+def test_next_token_logprobs_are_log_softmax_at_the_targets_with_its_gradient(shape):
+  """The select-and-sum form gives what log_softmax + take_along_axis gave, gradient included
+  (flamingo_jax/models/losses.py), on logits wide enough that the max shift matters."""
+  b, l, v = shape
+  rng = np.random.default_rng(v)
+  logits = jnp.asarray(rng.normal(size=shape) * 8.0, jnp.float32)
+  tokens = jnp.asarray(rng.integers(0, v, (b, l)), jnp.int32)
+  mask = jnp.asarray(rng.random((b, l)) > 0.3, jnp.float32)
+
+  def reference(x):
+    logp = jax.nn.log_softmax(x[:, :-1])
+    return jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
+
+  np.testing.assert_allclose(losses.next_token_logprobs(logits, tokens), reference(logits),
+                             rtol=1e-6, atol=1e-6)
+  grad = jax.grad(lambda x: losses.next_token_nll(x, tokens, mask))(logits)
+  expected = jax.grad(lambda x: -jnp.sum(reference(x) * mask[:, 1:]))(logits)
+  np.testing.assert_allclose(grad, expected, rtol=1e-6, atol=1e-7)
+  assert not np.any(grad[:, -1])  # The last position predicts nothing.
+
+
 def test_frozen_params_bit_identical_and_trainable_change():
   step, state, frozen = _fake_setup()
   before = jax.tree.map(np.array, frozen)

@@ -143,11 +143,10 @@ def resize_pad(size: int, method: str = "bilinear"):
     h, w = value.shape[:2]
     scale = size / max(h, w)
     nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
-    resized = np.array(Image.fromarray(value).resize((nw, nh), _RESAMPLE[method]))  # Writable.
-    if nh == nw == size:  # Square: no padding, so no mean (a third of the op's time).
-      return resized
+    resized = np.asarray(Image.fromarray(value).resize((nw, nh), _RESAMPLE[method]))
     out = np.empty([size, size, 3], np.uint8)
-    out[...] = np.round(value.reshape(-1, 3).mean(0)).astype(np.uint8)
+    if nh < size or nw < size:  # The mean only where there is padding (a third of the op's time).
+      out[...] = np.round(value.reshape(-1, 3).mean(0)).astype(np.uint8)
     top, left = (size - nh) // 2, (size - nw) // 2
     out[top:top + nh, left:left + nw] = resized
     return out
