@@ -104,6 +104,8 @@ def resampler(config) -> list[Variant]:
   scores = {"perceiver": 70.7, "mlp": 66.6, "transformer": 66.7}
   current = perceiver.connector_config(config.model.resampler).kind
   per_feature = {"model.resampler.num_latents": feature_tokens(config)}
+  if config.model.resampler.get("center_features"):  # The Perceiver's option only.
+    per_feature["model.resampler.center_features"] = False
   rows = [Variant(kind, {"model.resampler.kind": kind,
                          **(per_feature if kind != "perceiver" else {})}, scores[kind])
           for kind in perceiver.KINDS]

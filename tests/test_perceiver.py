@@ -134,3 +134,46 @@ def test_demo_init_starts_with_image_dependent_and_distinct_visual_tokens():
   assert shares(1e-4, 0.02)[1] < 0.01  # All latents alike.
   images, latents = shares(1e-2, 32 ** -0.5)
   assert images > 0.5 and latents > 0.2
+
+
+def test_centred_features_subtract_a_fixed_per_position_mean():
+  """center_features: the resampler sees features - feature_mean [S, C] (no gradient reaches the
+  mean, which is set from data, not trained), and only the Perceiver takes it."""
+  kw = dict(dim=16, num_layers=2, num_heads=2, head_dim=8, num_latents=6, max_frames=T,
+            ffw_mult=2)
+  centred = perceiver.PerceiverResampler(**kw, center_features=True)
+  plain = perceiver.PerceiverResampler(**kw)
+  x = jax.random.normal(jax.random.PRNGKey(0), (B, N, T, S, C))
+  params = nn.unbox(centred.init(jax.random.PRNGKey(1), x))["params"]
+  assert not np.asarray(params["feature_mean"]).any() and params["feature_mean"].shape == (S, C)
+  mean = jax.random.normal(jax.random.PRNGKey(2), (S, C))
+  params = {**params, "feature_mean": mean}
+  rest = {k: v for k, v in params.items() if k != "feature_mean"}
+  np.testing.assert_allclose(centred.apply({"params": params}, x),
+                             plain.apply({"params": rest}, x - mean), atol=1e-6)
+  grads = jax.grad(lambda p: centred.apply({"params": p}, x).sum())(params)
+  assert not np.asarray(grads["feature_mean"]).any()
+  assert np.abs(np.asarray(grads["latents"])).max() > 0
+  with pytest.raises(ValueError, match="center_features=True is for kind='perceiver', not 'mlp'"):
+    perceiver.connector_config(dict(kind="mlp", num_latents=S, center_features=True))
+
+
+def test_centring_makes_visual_tokens_image_dependent_on_a_shared_background():
+  """Why configs/demo.py centres: where every image's features are a shared per-position
+  background plus a smaller image-specific part (the demo's 4x4 grid of mostly background), the
+  initial tokens barely depend on the image; with the per-position mean subtracted they do."""
+  keys = jax.random.split(jax.random.PRNGKey(0), 2)
+  background = 3.0 * jax.random.normal(keys[0], (16, 32))
+  features = background + 0.3 * jax.random.normal(keys[1], (64, 1, 1, 16, 32))
+  kw = dict(dim=32, num_layers=2, num_heads=2, head_dim=16, num_latents=8, ffw_mult=2,
+            latent_std=1e-2, kernel_std=32 ** -0.5, center_features=True)
+  model = perceiver.PerceiverResampler(**kw)
+  params = nn.unbox(model.init(jax.random.PRNGKey(1), features))["params"]
+
+  def image_share(mean):
+    tokens = model.apply({"params": {**params, "feature_mean": mean}}, features)
+    return float(tokens.var(axis=0).mean() / (tokens ** 2).mean())
+
+  uncentred = image_share(jnp.zeros((16, 32)))
+  centred = image_share(features.mean(axis=(0, 1, 2)))
+  assert uncentred < 0.05 and centred > 0.3, (uncentred, centred)

@@ -1,7 +1,9 @@
 """The update step and the training loop (flamingo_jax/train/trainer.py)."""
 import functools
+import json
 import re
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -224,3 +226,61 @@ def test_loss_normalization_reaches_the_update_step(tmp_path):
   with pytest.raises(ValueError, match=r"config.input.loss_normalization='mean'; expected one of"):
     trainer.train(config, str(tmp_path))
   assert not (tmp_path / "checkpoints").exists()  # Named before anything is initialised.
+
+
+def _centred_tiny():
+  """The tiny config with model.resampler.center_features, its model and (trainable, frozen)."""
+  config = tiny.get_config()
+  config.model.resampler.center_features = True
+  model = flamingo_kind.model(config)
+  params = nn.unbox(model.init(jax.random.PRNGKey(0), *flamingo_kind.init_inputs(config)))
+  trainable = {"resampler": params["params"]["resampler"]}
+  frozen = {k: v for k, v in params["params"].items() if k != "resampler"}
+  return config, model, trainable, frozen
+
+
+def test_feature_mean_is_the_mean_over_the_real_media_of_the_first_batches():
+  """init_from_data: every real image or frame of every dataset counts once, padded media not
+  at all; batches of cached 'features' count as the encoder's features of their images."""
+  config, model, trainable, frozen = _centred_tiny()
+  rng = np.random.default_rng(0)
+  images = rng.normal(size=(2, 2, 1, 32, 32, 3)).astype(np.float32)
+  images[0, 1] = 50.0  # Padding (media_mask False): must not count.
+  feats = np.asarray(model.apply({"params": {**trainable, **frozen}}, images,
+                                 method=model.vision_features))  # [2, 2, 1, S, C]
+  cached = rng.normal(size=(3, 1, 2, *feats.shape[-2:])).astype(np.float32)  # Video: 2 frames.
+  batches = {"a": {"images": images, "media_mask": np.array([[True, False], [True, True]])},
+             "b": {"features": cached, "media_mask": np.ones((3, 1), bool)}}
+  out = flamingo_kind.init_from_data(config, model, trainable, frozen, batches)
+  real = np.concatenate([feats[0, 0], feats[1, 0], feats[1, 1],
+                         cached.reshape(-1, *feats.shape[-2:])])  # 3 images, 6 frames.
+  np.testing.assert_allclose(out["resampler"]["feature_mean"], real.mean(axis=0), rtol=1e-5,
+                             atol=1e-6)
+  rest = lambda t: {k: v for k, v in t["resampler"].items() if k != "feature_mean"}
+  assert jax.tree.all(jax.tree.map(np.array_equal, rest(out), rest(trainable)))
+  none = {"a": {**batches["a"], "media_mask": np.zeros((2, 2), bool)}}
+  with pytest.raises(ValueError, match="center_features.*no real image"):
+    flamingo_kind.init_from_data(config, model, trainable, frozen, none)
+  plain_config = tiny.get_config()
+  assert "feature_mean" not in flamingo_kind.model(plain_config).init(
+      jax.random.PRNGKey(0), *flamingo_kind.init_inputs(plain_config))["params"]["resampler"]
+
+
+@pytest.mark.slow
+def test_feature_mean_is_set_from_step_1s_batches_checkpointed_and_never_trained(tmp_path):
+  """A fresh run sets it from the batches of step 1 and trains on those same batches (the input
+  state at step 2's checkpoint is 2 batches); it stays bit-identical while the rest trains, and a
+  resumed run keeps the checkpoint's."""
+  config, *_ = _centred_tiny()
+  config.total_steps, config.ckpt_every, config.log_every = 2, 1, 1
+  first, _, _ = trainer.train(config, str(tmp_path))
+  config.total_steps = 4
+  last, _, _ = trainer.train(config, str(tmp_path))
+  mean = np.asarray(first["params"]["resampler"]["feature_mean"])
+  assert np.abs(mean).max() > 0
+  np.testing.assert_array_equal(last["params"]["resampler"]["feature_mean"], mean)
+  assert not np.array_equal(last["params"]["resampler"]["latents"],
+                            first["params"]["resampler"]["latents"])
+  data = [json.loads(f.read_text()) for f in (tmp_path / "checkpoints" / "2" / "data").iterdir()
+          if f.is_file() and f.read_text().lstrip().startswith("{")]
+  assert data and all(d.get("step") == 2 for d in data), data

@@ -66,6 +66,7 @@ FLAMINGO_SCHEDULE = [
     (r"^lm/.*xattn/", {}),
     (r"^lm/new_(token_embed|lm_head)", {}),
     (r"^lm/", None),
+    (r"^resampler/feature_mean$", {"lr": 0.0}),  # A statistic set from data (models/perceiver.py).
     (r"^resampler/", {}),
 ]
 

@@ -39,10 +39,12 @@ def lm(xattn: bool) -> dict:
 
   2 layers are enough for induction heads (a previous-token head, then a matching one), which is
   what stage 2 must give it (configs/lm_pretrain.py), and each step is cheaper than with 4.
+  Unrolled layers (same parameters; also stage 3's resampler): on CPU stages 2 and 3 run faster
+  than under the TPU-default scan (docs/DEMO_RESULTS.md, 2026-12-06 (night)).
   """
   cfg = dict(vocab_size=VOCAB_SIZE, num_new_tokens=2, dim=128, num_layers=2, num_heads=4,
              mlp_dim=512, norm="rmsnorm", position="rotary", activation="gelu",
-             tied_embeddings=False, max_len=192)
+             tied_embeddings=False, max_len=192, unroll_layers=True)
   if xattn:
     cfg["xattn"] = dict(every=1, num_heads=4, head_dim=32, ffw_mult=2, activation="sqrelu")
   return cfg
@@ -73,10 +75,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # the start: with N(0, 1) latents the tokens were image-independent and no run learned naming;
     # with near-zero latents and 0.02 projections all latents gave the same pooled token. It learns
     # more slowly than the MLP: 600 steps, not 400 (docs/DEMO_RESULTS.md, 2026-12-05).
+    # center_features: the 4x4 grid is mostly background, so each position's features are nearly
+    # the same in every image; in ~1 run in 9 the resampler never made its tokens image-dependent
+    # and naming failed. Their per-position mean over step 1's images is subtracted
+    # (models/perceiver.py; docs/DEMO_RESULTS.md, 2026-12-06).
     vision_cfg = dict(vision(), strides=(1, 2, 1, 1))
     resampler = dict(kind="perceiver", dim=64, num_layers=2, num_heads=4, head_dim=16,
                      num_latents=8, ffw_mult=2, activation="sqrelu", latent_std=1e-2,
-                     kernel_std=64 ** -0.5)
+                     kernel_std=64 ** -0.5, center_features=True)
   else:
     # `:mlp` (python -m flamingo_jax.demo --mlp): the paper's "Resampler: MLP" ablation
     # (models/perceiver.py:MlpConnector) over the NFNet's one feature per image.

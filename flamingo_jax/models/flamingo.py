@@ -59,8 +59,8 @@ class Flamingo(nn.Module):
                                                 name="resampler")
     self.language_model = lm_lib.LM(self.lm, decode=self.decode, name="lm")
 
-  def encode_images(self, images):
-    """images [B, N, T, H, W, 3] -> visual tokens [B, N, R, D].
+  def vision_features(self, images):
+    """images [B, N, T, H, W, 3] -> the vision encoder's features [B, N, T, S, C].
 
     No stop_gradient: the trainer differentiates only the trainable subtree, so a frozen encoder
     (config.schedule) gets no backward pass, and an unfrozen one (config.unfreeze) trains.
@@ -71,7 +71,11 @@ class Flamingo(nn.Module):
     # NFNet: a grid [BNT, h, w, C]; ViT: patch tokens [BNT, S, C].
     feats = self.vision_encoder(images.reshape(b * n * t, h, w, 3), train=False)
     feats = layers.constrain_batch(feats)
-    return self.visual_connector(feats.reshape(b, n, t, -1, feats.shape[-1]))  # [B, N, T, S, C] in
+    return feats.reshape(b, n, t, -1, feats.shape[-1])
+
+  def encode_images(self, images):
+    """images [B, N, T, H, W, 3] -> visual tokens [B, N, R, D]."""
+    return self.visual_connector(self.vision_features(images))
 
   def __call__(self, images, tokens, media_idx, features=None):
     """-> logits [B, L, V + n_new] (float32).

@@ -3,8 +3,10 @@
 Maps a variable number of visual features per image/video [B, N, T, S, C] to R visual tokens each,
 [B, N, R, D]. A learned time embedding is added per frame (no spatial position encoding) and,
 optionally (max_media > 0), one per media index n (OpenFlamingo's `media_time_embs`; the paper has
-none: its images are resampled independently). The frames are flattened into one set of T·S
-features x_f, and R learned latents x attend to concat(x_f, x):
+none: its images are resampled independently). Optionally (center_features), a fixed per-position
+mean of the frozen encoder's features is subtracted first (`feature_mean`, below; not the paper's).
+The frames are flattened into one set of T·S features x_f, and R learned latents x attend to
+concat(x_f, x):
   x += attn(q=x, kv=concat(x_f, x));  x += ffw(x)
 for L layers, then a final LayerNorm. Features are linearly projected to D first when C != D.
 
@@ -92,6 +94,7 @@ class PerceiverResampler(nn.Module):
   # default Linear init (OpenFlamingo's) is ~1/sqrt(3 fan_in). Why the demo sets 1/sqrt(dim):
   # configs/demo.py.
   kernel_std: float = 0.02
+  center_features: bool = False  # Subtract `feature_mean` [S, C] from the features first.
   unroll_layers: bool = False  # As LMConfig.unroll_layers.
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -103,6 +106,17 @@ class PerceiverResampler(nn.Module):
     b, n, t, s, c = features.shape
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     init = lambda axes, std=0.02: nn.with_logical_partitioning(nn.initializers.normal(std), axes)
+    if self.center_features:
+      # Where a small grid is mostly background (the demo's 4x4), every image's features are
+      # nearly the same at each position: after the LayerNorm the latents pool the same tokens
+      # for every image, and in-context naming can fail to start (docs/DEMO_RESULTS.md). The
+      # per-position mean over images removes that shared part. A statistic of the frozen
+      # encoder, not a weight: set from data before step 1 (train/kinds/flamingo.py:
+      # init_from_data), kept in the trainable tree so checkpoints carry it, never trained (no
+      # gradient; lr 0 in configs/common.py:FLAMINGO_SCHEDULE).
+      mean = self.param("feature_mean", nn.with_logical_partitioning(
+          nn.initializers.zeros_init(), ("positions", "vis_embed")), (s, c), self.param_dtype)
+      features = features - jax.lax.stop_gradient(mean).astype(features.dtype)
     time_table = self.param("time_embed", init(("frames", "vis_embed")), (self.max_frames, c),
                             self.param_dtype)
     x_f = features + time_embedding(time_table, t)[:, None].astype(features.dtype)
@@ -238,10 +252,14 @@ class ConnectorConfig:
   activation: str = "sqrelu"
   latent_std: float = 1.0  # Perceiver only.
   kernel_std: float = 0.02  # Perceiver only.
+  center_features: bool = False  # Perceiver only.
 
   def __post_init__(self):
     if self.kind not in KINDS:
       raise ValueError(f"model.resampler.kind={self.kind!r}; expected one of {KINDS}.")
+    if self.center_features and self.kind != "perceiver":
+      raise ValueError(f"model.resampler.center_features=True is for kind='perceiver', not "
+                       f"{self.kind!r}.")
     if self.max_media < 0:
       raise ValueError(f"model.resampler.max_media={self.max_media}; expected >= 0 (0: none).")
 
@@ -265,5 +283,6 @@ def connector(cfg: ConnectorConfig, unroll_layers: bool = False, **kwargs) -> nn
                         **kwargs)
   if cfg.kind == "transformer":
     del fields["max_frames"], fields["max_media"], fields["latent_std"], fields["kernel_std"]
+    del fields["center_features"]
     return TransformerConnector(**fields, unroll_layers=unroll_layers, **kwargs)
   return PerceiverResampler(**fields, unroll_layers=unroll_layers, **kwargs)

@@ -267,6 +267,7 @@ def _train(config, workdir: str, lock: workdir_lock.WorkdirLock,
 
   # ----------------------------------------------------------------------- checkpoint (resume)
   manager = ckpt_lib.make_manager(workdir, config)
+  first_batches, first_wait = None, 0.0
   restored = ckpt_lib.restore_latest(manager, abstract_state,
                                      config.get("start_over_if_unreadable", False))
   if restored is not None:
@@ -275,6 +276,11 @@ def _train(config, workdir: str, lock: workdir_lock.WorkdirLock,
   else:
     if config.get("init_from"):
       trainable = ckpt_lib.load_params(config.init_from, abstract_state["params"])
+    else:  # Statistics of the data (kinds/__init__.py), from the batches step 1 then trains on.
+      waited = time.perf_counter()
+      first_batches = next(data)
+      first_wait = time.perf_counter() - waited
+      trainable = kind.init_from_data(config, model, trainable, frozen, first_batches)
     train_state = jax.jit(
         lambda p: {"step": jnp.zeros((), jnp.int32), "rng": rng, "params": p,
                    "opt_state": tx.init(p)}, out_shardings=state_sh, donate_argnums=0)(trainable)
@@ -330,8 +336,9 @@ def _train(config, workdir: str, lock: workdir_lock.WorkdirLock,
     while step < config.total_steps:
       profiler.before(step + 1)
       waited = time.perf_counter()
-      batches = next(data)
-      writer.waited_for_input(time.perf_counter() - waited)
+      batches = next(data) if first_batches is None else first_batches
+      writer.waited_for_input(time.perf_counter() - waited + first_wait)
+      first_batches, first_wait = None, 0.0
       if config.mixture_mode == "round_robin":
         batches = {names[step % len(names)]: batches[names[step % len(names)]]}
       with jax.profiler.StepTraceAnnotation("train", step_num=step + 1):

@@ -10,6 +10,9 @@ Each module exposes
   load_backbones(config, trainable, frozen) -> (trainable, frozen)   (parts with their own ckpts;
       leaves may be ShapeDtypeStructs with shardings: those it loads come back as arrays)
   gate_layers(config) -> [int]                   (LM layers with a gated xattn block, for metrics)
+  init_from_data(config, model, trainable, frozen, batches) -> trainable
+                                                 (leaves that are statistics of the data, set from
+      the first step's batches of a fresh run; the others return trainable)
 """
 import importlib
 

@@ -81,6 +81,47 @@ def load_backbones(config, trainable, frozen):
   return trainable, frozen
 
 
+FEATURE_MEAN = "resampler/feature_mean"
+
+
+def init_from_data(config, module, trainable, frozen, batches):
+  """`trainable` with the leaves that are statistics of the data set from the first step's
+  `batches` (a fresh run's; a resumed or `init_from` run has them in its checkpoint): the
+  Perceiver's `feature_mean` (model.resampler.center_features) is the per-position mean of the
+  frozen encoder's features over every real (unpadded) image or frame in them."""
+  leaves = state_lib.flat(trainable)
+  if FEATURE_MEAN not in leaves:
+    return trainable
+  params = state_lib.merge(trainable, frozen)
+
+  @jax.jit
+  def sums(params, batch):  # -> (sum of the features [S, C], their number): real media only.
+    feats = batch.get("features")
+    if feats is None:
+      feats = module.apply({"params": params}, batch["images"], method=module.vision_features)
+    real = batch["media_mask"][:, :, None, None, None].astype(feats.dtype)
+    return (jnp.sum(feats * real, axis=(0, 1, 2)),
+            jnp.sum(real) * feats.shape[2])
+
+  total, count = 0.0, 0.0
+  for batch in batches.values():
+    s, n = sums(params, batch)
+    total, count = total + s, count + n
+  if float(count) == 0:
+    raise ValueError(f"model.resampler.center_features: the first batches of "
+                     f"{sorted(batches)} hold no real image (media_mask all False), so there is "
+                     "no feature mean to centre on.")
+  target = leaves[FEATURE_MEAN]
+  if total.shape != target.shape:
+    raise ValueError(f"model.resampler.center_features: the encoder gives [S, C] = "
+                     f"{list(total.shape)} features per frame in the data, but the resampler was "
+                     f"built for {list(target.shape)} (config.image_size).")
+  mean = jax.device_put((total / count).astype(target.dtype), target.sharding)
+  logging.info("%s set from %d frames: RMS %.4g.", FEATURE_MEAN, int(count),
+               float(jnp.sqrt(jnp.mean(mean ** 2))))
+  return state_lib.merge(trainable, state_lib.unflat({FEATURE_MEAN: mean}))
+
+
 def _abstract(x) -> jax.ShapeDtypeStruct:
   return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
 

@@ -35,3 +35,8 @@ def load_backbones(config, trainable, frozen):
 def gate_layers(config):
   del config
   return []
+
+
+def init_from_data(config, model, trainable, frozen, batches):
+  del config, model, frozen, batches
+  return trainable
