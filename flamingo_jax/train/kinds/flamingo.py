@@ -95,13 +95,12 @@ def init_from_data(config, module, trainable, frozen, batches):
   params = state_lib.merge(trainable, frozen)
 
   @jax.jit
-  def sums(params, batch):  # -> (sum of the features [S, C], their number): real media only.
+  def sums(p, batch):  # -> (sum of the features [S, C], their number): real media only.
     feats = batch.get("features")
     if feats is None:
-      feats = module.apply({"params": params}, batch["images"], method=module.vision_features)
-    real = batch["media_mask"][:, :, None, None, None].astype(feats.dtype)
-    return (jnp.sum(feats * real, axis=(0, 1, 2)),
-            jnp.sum(real) * feats.shape[2])
+      feats = module.apply({"params": p}, batch["images"], method=module.vision_features)
+    real = batch["media_mask"][:, :, None, None, None].astype(jnp.float32)
+    return jnp.sum(feats.astype(jnp.float32) * real, axis=(0, 1, 2)), jnp.sum(real) * feats.shape[2]
 
   total, count = 0.0, 0.0
   for batch in batches.values():
