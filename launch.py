@@ -102,10 +102,17 @@ def train(argv):
   try:
     trainer.train(_CONFIG.value, _WORKDIR.value, evaluator)
   except checkpoint.SaveError as e:
-    # The writer threads are stuck on the failed write: exit now, with the error as the last line,
-    # rather than wait on them (a hang) or print their shutdown tracebacks.
-    logging.error("%s", e)
+    # The writer threads are stuck on the failed write: exit now rather than wait on them (a hang).
+    # They may be printing shutdown tracebacks: stderr goes to /dev/null first, the error to the
+    # real one, and the log handler stays locked after it, so that the error is the last line.
     sys.stderr.flush()
+    real_stderr = os.fdopen(os.dup(2), "w")
+    os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
+    handler = logging.get_absl_handler()
+    handler.python_handler.setStream(real_stderr)
+    logging.error("%s", e)
+    handler.acquire()
+    real_stderr.flush()
     os._exit(1)
 
 
