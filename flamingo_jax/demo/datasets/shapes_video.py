@@ -42,13 +42,18 @@ def caption(template: str, color: str, shape: str, direction: str, growth: str) 
 
 class ShapesVideo(base.Builder):
   """Clips of a procedurally drawn shape moving across a textured background."""
+  VERSION = tfds.core.Version('1.1.0')
+  RELEASE_NOTES = {**base.Builder.RELEASE_NOTES,
+                   '1.1.0': 'video declared as a Sequence of Images (the same PNG frames).'}
   BUILDER_CONFIGS = [Config(name='default', num_train=500, num_test=100)]
 
   def _features(self):
     cfg = self.builder_config
     label = lambda names: tfds.features.ClassLabel(names=list(names))
     return {
-        'video': tfds.features.Video(shape=(cfg.num_frames, cfg.image_size, cfg.image_size, 3)),
+        # What tfds.features.Video stores (PNG frames), without its constructor's TensorFlow
+        # import (4 s of each demo stage that reads the clips).
+        'video': tfds.features.Sequence(self._image(), length=cfg.num_frames),
         'caption': tfds.features.Text(),
         'fps': tfds.features.Scalar(np.int32),
         'shape': label(scenes.SHAPES), 'color': label(scenes.COLORS),
