@@ -20,7 +20,6 @@ from etils import epath
 import jax
 import ml_collections
 import numpy as np
-import tensorboardX
 
 from flamingo_jax import modules
 from flamingo_jax import paths
@@ -33,6 +32,7 @@ from flamingo_jax.eval import tasks
 from flamingo_jax.models import contrastive
 from flamingo_jax.train import checkpoint as ckpt_lib
 from flamingo_jax.train import kinds
+from flamingo_jax.train import metrics as metrics_lib
 from flamingo_jax.train import sharding as sharding_lib
 from flamingo_jax.train import state as state_lib
 from flamingo_jax.train import trainer
@@ -180,7 +180,7 @@ def _write(workdir: str, results: dict, step: int) -> None:
   if jax.process_index():
     return
   (epath.Path(workdir) / "eval.json").write_text(json.dumps(results, indent=2))
-  with tensorboardX.SummaryWriter(f"{workdir}/tensorboard") as writer:
+  with metrics_lib.summary_writer(f"{workdir}/tensorboard") as writer:
     for name, values in results.items():
       for metric, value in values.items():
         writer.add_scalar(f"eval/{name}/{metric}", float(value), step)

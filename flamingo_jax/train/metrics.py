@@ -16,8 +16,6 @@ from etils import epath
 import jax
 import jax.numpy as jnp
 import numpy as np
-import tensorboardX
-from tensorboardX import record_writer
 import tqdm
 
 from flamingo_jax import paths
@@ -112,7 +110,29 @@ class _ObjectStoreEvents:
     del path  # Object stores have no directories to create.
 
 
-record_writer.register_writer_factory("gs", _ObjectStoreEvents())
+def _import_tensorboardx():
+  """tensorboardX without torch: its writer imports torch when it is installed (the peers' test
+  extra) only to accept torch tensors, which nothing here logs; that import took 3.6 s of every
+  process's start (`python -X importtime -m flamingo_jax.demo --helpfull`)."""
+  blocked = "torch" not in sys.modules
+  if blocked:
+    sys.modules["torch"] = None  # `import torch` raises ImportError (tensorboardX's fallback).
+  try:
+    import tensorboardX  # pylint: disable=g-import-not-at-top
+    from tensorboardX import record_writer  # pylint: disable=g-import-not-at-top
+  finally:
+    if blocked:
+      del sys.modules["torch"]
+  record_writer.register_writer_factory("gs", _ObjectStoreEvents())
+  return tensorboardX
+
+
+tensorboardX = _import_tensorboardx()
+
+
+def summary_writer(logdir: str):
+  """A TensorBoard event writer for `logdir` (local or gs://)."""
+  return tensorboardX.SummaryWriter(logdir)
 
 
 class Writer:
@@ -123,7 +143,7 @@ class Writer:
     self._total, self._last_step, self._last_time = total_steps, first_step, time.perf_counter()
     self._input_wait = 0.0
     if self._main:
-      self._tb = tensorboardX.SummaryWriter(f"{workdir}/tensorboard")
+      self._tb = summary_writer(f"{workdir}/tensorboard")
       # An object store's copy is rewritten at most every 30 s (and at close).
       self._jsonl = AppendOnlyFile(epath.Path(workdir) / "metrics.jsonl", flush_every_s=30.0)
     self._bar = (tqdm.tqdm(total=total_steps, initial=first_step, dynamic_ncols=True)
