@@ -9,10 +9,11 @@ gain, eval/copying.py: 0.36 nats after the earlier text-only stage 2, 5.95 now).
 their `<image>` tokens, which the plain LM embeds with its new rows and never predicts.
 flamingo_jax/demo/run.py writes the plain LM as the `{'lm': ...}` checkpoint that stage 3's
 config.lm_init loads (in any xattn placement).
-`:short` (the end-to-end test's) halves the captions' and documents' batches and makes the copies
-40 tokens long (not 64), but keeps the copies' batch and the 800 steps: induction heads form
-between steps ~500 and ~700 (copy gain 0.7 nats after 500 steps, 5.9 after 800; with the `:short`
-batches 3.41 after 800, 0.25 after 650; docs/DEMO_RESULTS.md).
+`:short` (the end-to-end test's) quarters the captions' and documents' batches and makes the
+copies 40 tokens long (not 64), but keeps the copies' batch and the 800 steps: induction heads form
+between steps ~500 and ~700 (copy gain 0.7 nats after 500 steps, 5.9 after 800; with `:short`'s
+40-token copies and half batches, 0.25 after 650 and 3.41 after 800; with its quarter batches,
+2.99 after 800; docs/DEMO_RESULTS.md).
 """
 import ml_collections
 
@@ -28,7 +29,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.image_size = demo.IMAGE_SIZE
   config.schedule = [(".*", {})]
   config.optim.no_decay = r"norm|embed"
-  text_div, copy_len = (2, 40) if short else (1, 64)
+  text_div, copy_len = (4, 40) if short else (1, 64)
   config.input = ml_collections.ConfigDict(dict(
       kind="tfds", tokenizer="", num_workers=2,
       # cache: the small datasets are read once into memory (reading a record costs more than
