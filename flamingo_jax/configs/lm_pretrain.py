@@ -11,9 +11,9 @@ flamingo_jax/demo/run.py writes the plain LM as the `{'lm': ...}` checkpoint tha
 config.lm_init loads (in any xattn placement).
 `:short` (the end-to-end test's) quarters the captions' and documents' batches and makes the
 copies 40 tokens long (not 64), but keeps the copies' batch and the 800 steps: induction heads form
-between steps ~500 and ~700 (copy gain 0.7 nats after 500 steps, 5.9 after 800; with `:short`'s
-40-token copies and half batches, 0.25 after 650 and 3.41 after 800; with its quarter batches,
-2.99 after 800; docs/DEMO_RESULTS.md).
+between steps ~500 and ~700 (copy gain 0.7 nats after 500 steps, 5.9 after 800; with half text
+batches, 0.25 after 650 with 64-token copies and 3.41 after 800 with 40-token ones; with `:short`'s
+quarter batches and 40-token copies, 2.99 after 800; docs/DEMO_RESULTS.md).
 """
 import ml_collections
 
