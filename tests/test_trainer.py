@@ -3,7 +3,6 @@ import functools
 import json
 import re
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,6 +15,7 @@ from flamingo_jax.configs import tiny
 from flamingo_jax.models import losses
 from flamingo_jax.train import trainer
 from flamingo_jax.train.kinds import flamingo as flamingo_kind
+from tests import model_utils
 import train_helpers as helpers
 
 
@@ -233,9 +233,9 @@ def _centred_tiny():
   config = tiny.get_config()
   config.model.resampler.center_features = True
   model = flamingo_kind.model(config)
-  params = nn.unbox(model.init(jax.random.PRNGKey(0), *flamingo_kind.init_inputs(config)))
-  trainable = {"resampler": params["params"]["resampler"]}
-  frozen = {k: v for k, v in params["params"].items() if k != "resampler"}
+  params = model_utils.init(model, *flamingo_kind.init_inputs(config))
+  trainable = {"resampler": params["resampler"]}
+  frozen = {k: v for k, v in params.items() if k != "resampler"}
   return config, model, trainable, frozen
 
 
@@ -246,8 +246,9 @@ def test_feature_mean_is_the_mean_over_the_real_media_of_the_first_batches():
   rng = np.random.default_rng(0)
   images = rng.normal(size=(2, 2, 1, 32, 32, 3)).astype(np.float32)
   images[0, 1] = 50.0  # Padding (media_mask False): must not count.
-  feats = np.asarray(model.apply({"params": {**trainable, **frozen}}, images,
-                                 method=model.vision_features))  # [2, 2, 1, S, C]
+  # Jitted: eager flax dispatch of the model takes a minute on two cores; the maths is the same.
+  feats = np.asarray(jax.jit(functools.partial(model.apply, method=model.vision_features))(
+      {"params": {**trainable, **frozen}}, images))  # [2, 2, 1, S, C]
   cached = rng.normal(size=(3, 1, 2, *feats.shape[-2:])).astype(np.float32)  # Video: 2 frames.
   batches = {"a": {"images": images, "media_mask": np.array([[True, False], [True, True]])},
              "b": {"features": cached, "media_mask": np.ones((3, 1), bool)}}
@@ -262,8 +263,9 @@ def test_feature_mean_is_the_mean_over_the_real_media_of_the_first_batches():
   with pytest.raises(ValueError, match="center_features.*no real image"):
     flamingo_kind.init_from_data(config, model, trainable, frozen, none)
   plain_config = tiny.get_config()
-  assert "feature_mean" not in flamingo_kind.model(plain_config).init(
-      jax.random.PRNGKey(0), *flamingo_kind.init_inputs(plain_config))["params"]["resampler"]
+  assert "feature_mean" not in jax.eval_shape(
+      flamingo_kind.model(plain_config).init, jax.random.PRNGKey(0),
+      *flamingo_kind.init_inputs(plain_config))["params"]["resampler"]
 
 
 @pytest.mark.slow
