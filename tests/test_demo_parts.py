@@ -1,4 +1,5 @@
 """The demo's registered parts: its pp ops and its `names` task, found by name once imported."""
+import jax
 import numpy as np
 import pytest
 
@@ -159,7 +160,7 @@ def test_feature_cache_encodes_each_image_once_under_its_encoders_key(tmp_path):
   images[1, 2] = images[0, 0]  # The same image twice.
   out = cache(images)
   assert out.shape == (2, 3, 1, 16, 128) and cache.misses == 5 and cache.hits == 1
-  want = nfnet.NFNet(cfg).apply({"params": params}, images[0, :, 0])
+  want = jax.jit(nfnet.NFNet(cfg).apply)({"params": params}, images[0, :, 0])
   np.testing.assert_allclose(out[0, :, 0], want.reshape(3, 16, 128), atol=1e-5, rtol=1e-5)
   np.testing.assert_array_equal(cache(images[:1]), out[:1])
   assert cache.misses == 5 and cache.hits == 4

@@ -156,9 +156,9 @@ def test_remat_keeps_values_and_gradients(policy):
   def loss(p, c):
     return jnp.mean(lm.LM(c).apply({"params": p}, tokens, visual, media_idx) ** 2)
 
-  want = jax.value_and_grad(loss)(params, cfg)
-  got = jax.jit(jax.value_and_grad(loss), static_argnums=1)(
-      params, make_cfg(xattn=dict(every=2), remat_policy=policy))
+  value_and_grad = jax.jit(jax.value_and_grad(loss), static_argnums=1)
+  want = value_and_grad(params, cfg)
+  got = value_and_grad(params, make_cfg(xattn=dict(every=2), remat_policy=policy))
   jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
                          got, want)
 
