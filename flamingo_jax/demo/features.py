@@ -88,7 +88,8 @@ class FeatureCache:
     flat = images.reshape(-1, *images.shape[-3:])
     digests = [hashlib.blake2b(im.tobytes(), digest_size=16).digest() for im in flat]
     with self._lock:
-      missing = {d: i for i, d in enumerate(digests) if d not in self._loaded()}
+      known = self._loaded()
+      missing = {d: i for i, d in enumerate(digests) if d not in known}
     if missing:
       batch = flat[list(missing.values())]
       pad = np.zeros((-len(batch) % ENCODE_BATCH, *batch.shape[1:]), batch.dtype)
