@@ -5,6 +5,7 @@ from absl import logging
 import jax
 
 from flamingo_jax import console
+from flamingo_jax import host_memory
 from flamingo_jax.demo import run
 
 _WORKDIR = flags.DEFINE_string("workdir", "workdir", "Everything the demo writes goes here "
@@ -20,7 +21,10 @@ _SEEDS = flags.DEFINE_integer("seeds", 1, "N > 1: stage 1 with N seeds and stage
 def main(argv):
   del argv
   console.setup()
+  host_memory.run_computations_inline()
   logging.info("JAX devices: %s", jax.devices())
+  if jax.default_backend() == "cpu":
+    logging.info("Freed host memory kept for reuse: %s", host_memory.keep_freed_memory())
   print(run.run(_WORKDIR.value, _SHORT.value, _MLP.value, _SEEDS.value))
 
 
