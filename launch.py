@@ -212,7 +212,10 @@ def main(argv):
   if not _WORKDIR.value and _MODE.value != "compile" and not pod_control:
     raise app.UsageError("--workdir is required.")
   from flamingo_jax import console  # pylint: disable=g-import-not-at-top  (imports jax)
+  from flamingo_jax import host_memory  # pylint: disable=g-import-not-at-top
   console.setup()
+  if not (_COORDINATOR.value or _MULTIHOST.value):  # Several processes keep JAX's defaults.
+    host_memory.reuse_cpu_step_buffers()
   logging.info("Mode %s.", _MODE.value)
   MODES[_MODE.value](sys.argv)
 

@@ -17,20 +17,18 @@ _M_TRIM_THRESHOLD = -1  # <malloc.h>
 _M_MMAP_MAX = -4
 
 
-def run_computations_inline():
-  """Before JAX creates its backends: CPU computations run on the thread that calls them.
+def reuse_cpu_step_buffers() -> bool:
+  """In a single process that computes on the CPU (`jax_platforms` 'cpu', e.g. set by
+  `console.setup` on a host without accelerators), before JAX creates its CPU client: computations
+  run on the calling thread and glibc's main heap serves every size and keeps what is freed.
 
-  Only the CPU client reads the flag; accelerators' dispatch is unchanged.
+  Returns whether both took effect. Freed host memory then stays with the process (it holds its
+  peak), which is why accelerator hosts, whose large host transfers would stay resident, are left
+  as they are. False without glibc's mallopt (the default allocation: slower only).
   """
-  jax.config.update("jax_cpu_enable_async_dispatch", False)
-
-
-def keep_freed_memory() -> bool:
-  """glibc's main heap serves every size and keeps freed memory (False if libc has no mallopt).
-
-  For a CPU-backed process only: freed host memory is kept for reuse, not returned to the system,
-  so the process holds its peak; an accelerator host's large transfers would stay resident.
-  """
+  if (jax.config.jax_platforms or "").split(",")[0] != "cpu":
+    return False
+  jax.config.update("jax_cpu_enable_async_dispatch", False)  # Read when the CPU client is made.
   mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
   if mallopt is None:
     logging.info("No mallopt in this C library: XLA:CPU's step buffers are mapped per step.")

@@ -21,10 +21,8 @@ _SEEDS = flags.DEFINE_integer("seeds", 1, "N > 1: stage 1 with N seeds and stage
 def main(argv):
   del argv
   console.setup()
-  host_memory.run_computations_inline()
+  logging.info("XLA:CPU step buffers reused: %s", host_memory.reuse_cpu_step_buffers())
   logging.info("JAX devices: %s", jax.devices())
-  if jax.default_backend() == "cpu":
-    logging.info("Freed host memory kept for reuse: %s", host_memory.keep_freed_memory())
   print(run.run(_WORKDIR.value, _SHORT.value, _MLP.value, _SEEDS.value))
 
 
