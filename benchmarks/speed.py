@@ -21,19 +21,24 @@ layer stacks as one rolled scan (`model.unroll_layers=False`, the TPU default) a
               fraction of a float32 `jnp.dot` of 2048² (torch.mm's beside it), timed at the start.
   compile     lower + compile of the train step.
   generation  greedy, KV-cached, 64-token prompt, 32 new tokens per row, no early stop:
-              `decode.greedy_search` vs `Flamingo.generate` (min_new_tokens).
-  bound       tokens/s if every decoding step only read the LM's parameters (frozen LM, xattn,
+              resampler + `decode.greedy_search` vs `Flamingo.generate` (min_new_tokens), whole
+              call: the prompt's forward pass is part of it.
+  decoding    one decoding step (a new token for each of the batch's 4 rows): the time of the
+              call for 32 new tokens less the call for 1, over 31.
+  bound       a decoding step's time if it only read the LM's parameters (frozen LM, xattn,
               output heads; of untied input embeddings only B rows) and the whole KV cache
               (self-attention and xattn visual keys/values) once, at the copy bandwidth (bytes
-              read + written per second by a jitted 256 MiB copy); batch 4 tokens per step.
-              A stream of reads alone can beat a copy's rate, so this bound is conservative:
-              a fraction above 1 means decoding read faster than the copy moved bytes.
+              read + written per second by a jitted 256 MiB copy). A stream of reads alone can
+              beat a copy's rate, so this bound is conservative.
 
 Ratios are valid only on an idle machine: torch's threads slow far more than XLA under load. The
 run waits up to 5 minutes for the 1-minute load average to fall to --max_load, then refuses to
 start (unless --allow_load), and the table is marked when other processes kept more than 0.5
 cores busy during the run (`machine_load.py`; the load average after a run counts its own).
-torch uses as many threads as XLA (os.cpu_count()).
+torch uses as many threads as XLA (os.cpu_count()). Both sides run in one process with
+`host_memory.reuse_cpu_step_buffers` (what training and the demo use on a CPU): glibc keeps freed
+memory for reuse (torch's allocations too) and XLA computes on the calling thread; without it
+large buffers are mapped afresh per call and the copy bandwidth measured page faults.
 
 python benchmarks/speed.py                                  # idle machine: axes grid, RESULTS.md
 python benchmarks/speed.py --grid=full
@@ -72,6 +77,7 @@ import transformers
 from benchmarks import machine_load
 from flamingo_jax.configs import common
 from flamingo_jax.convert import open_flamingo
+from flamingo_jax import host_memory
 from flamingo_jax.eval import decode
 from flamingo_jax.models import lm as lm_lib
 from flamingo_jax.train import flops as flops_lib
@@ -330,7 +336,8 @@ def copy_bandwidth(reps: int) -> float:
 COLUMNS = ("train s: scan / unrolled / OpenFlamingo", "train ratio (best)",
            "fraction of jnp.dot peak (best)", "compile s: scan / unrolled",
            "generation tok/s: scan / unrolled / OpenFlamingo", "generation ratio (best)",
-           "bound tok/s", "fraction of bound (best)")
+           "decoding step ms: scan / unrolled / OpenFlamingo", "decoding ratio (best)",
+           "bound ms", "fraction of bound (best)")
 
 
 def run(size: Size, reps: int, warmup: int, peak: float, bandwidth: float) -> dict[str, str]:
@@ -348,15 +355,19 @@ def run(size: Size, reps: int, warmup: int, peak: float, bandwidth: float) -> di
     steps[name], compile_s[name], flops = ours_train(m, params, features, train_tokens)
   steps["theirs"] = theirs_train(theirs, train_tokens, size.vocab)
   train = median_seconds(steps, reps, warmup)
-  gens = {}
-  for name, m in models.items():
-    gens[name], nbytes = ours_generate(m, params, features, prompt, size.new_tokens)
-  gens["theirs"] = theirs_generate(theirs, prompt, size.new_tokens)
-  gen = median_seconds(gens, reps, warmup)
-  tokens_per_s = {k: size.batch * size.new_tokens / v for k, v in gen.items()}
-  bound = size.batch * bandwidth * 1e9 / nbytes
+  gens, names = {}, ("scan", "unrolled", "theirs")
+  for new_tokens in (1, size.new_tokens):
+    for name, m in models.items():
+      gens[name, new_tokens], nbytes = ours_generate(m, params, features, prompt, new_tokens)
+    gens["theirs", new_tokens] = theirs_generate(theirs, prompt, new_tokens)
+  gen = median_seconds(gens, reps, max(warmup, 1))  # Our first calls compile.
+  tokens_per_s = {k: size.batch * size.new_tokens / gen[k, size.new_tokens] for k in names}
+  step_ms = {k: (gen[k, size.new_tokens] - gen[k, 1]) / (size.new_tokens - 1) * 1e3
+             for k in names}
+  bound_ms = nbytes / (bandwidth * 1e9) * 1e3
   best_train, best_gen = min(train["scan"], train["unrolled"]), max(
       tokens_per_s["scan"], tokens_per_s["unrolled"])
+  best_step = min(step_ms["scan"], step_ms["unrolled"])
   return dict(zip(COLUMNS, [
       f"{train['scan']:.3f} / {train['unrolled']:.3f} / {train['theirs']:.3f}",
       f"{train['theirs'] / best_train:.2f}×",
@@ -365,7 +376,9 @@ def run(size: Size, reps: int, warmup: int, peak: float, bandwidth: float) -> di
       f"{tokens_per_s['scan']:.1f} / {tokens_per_s['unrolled']:.1f} / "
       f"{tokens_per_s['theirs']:.1f}",
       f"{best_gen / tokens_per_s['theirs']:.2f}×",
-      f"{bound:.0f}", f"{best_gen / bound:.2f}"]))
+      " / ".join(f"{step_ms[k]:.1f}" for k in names),
+      f"{step_ms['theirs'] / best_step:.2f}×",
+      f"{bound_ms:.1f}", f"{bound_ms / best_step:.2f}"]))
 
 
 def table(results: dict[str, dict[str, str]]) -> str:
@@ -376,7 +389,8 @@ def table(results: dict[str, dict[str, str]]) -> str:
   return "\n".join(lines)
 
 
-def environment(threads: int, load: str, peaks: tuple[float, float], bandwidth: float) -> str:
+def environment(threads: int, load: str, peaks: tuple[float, float], bandwidth: float,
+                reused: bool) -> str:
   parallel = torch.__config__.parallel_info().splitlines()
   blas = [l.strip() for l in torch.__config__.show().splitlines() if "Math Kernel" in l]
   return "\n".join([
@@ -386,6 +400,7 @@ def environment(threads: int, load: str, peaks: tuple[float, float], bandwidth: 
       f"- torch {torch.__version__}: {threads} threads "
       f"({'; '.join(l.strip() for l in parallel[1:3])}), "
       f"BLAS {blas[0] if blas else torch.__config__.show().split('BLAS_INFO=')[-1].split(',')[0]}",
+      f"- host_memory.reuse_cpu_step_buffers: {reused}",
       f"- {load}",
       f"- f32 {PEAK_MATMUL}² matmul: jnp.dot {peaks[0]:.1f} GFLOP/s, torch.mm {peaks[1]:.1f} "
       f"GFLOP/s; copy bandwidth {bandwidth:.1f} GB/s",
@@ -394,6 +409,7 @@ def environment(threads: int, load: str, peaks: tuple[float, float], bandwidth: 
 
 def main(argv):
   del argv
+  reused = host_memory.reuse_cpu_step_buffers()  # Before the first computation makes the client.
   load = machine_load.wait_for_load(_MAX_LOAD.value)
   if load > _MAX_LOAD.value and not _ALLOW_LOAD.value:
     raise SystemExit(f"Load average {load:.2f} > --max_load={_MAX_LOAD.value} after waiting "
@@ -411,7 +427,7 @@ def main(argv):
   text = table(results)
   if not load.idle():
     text = f"**Not a result: the machine was not idle.**\n\n{text}"
-  text = f"{environment(threads, load.describe(), peaks, bandwidth)}\n\n{text}"
+  text = f"{environment(threads, load.describe(), peaks, bandwidth, reused)}\n\n{text}"
   print(text)
   if _RESULTS.value:
     write_section(_RESULTS.value, f"Command: `{' '.join(['python'] + sys.argv)}`\n\n{text}\n")

@@ -1,10 +1,15 @@
 """Decoding: cached greedy equals full forwards, beam search, stopping, one compile per shape."""
+import dataclasses
 import functools
+import itertools
+import math
+import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import traverse_util
 
 from flamingo_jax.data import tokenizer as tokenizer_lib
 from flamingo_jax.eval import decode
@@ -140,6 +145,45 @@ def test_beam_search_beats_or_ties_greedy_and_scores_are_true_logprobs(setup):
   for b, prompt in enumerate(prompts):  # The returned score is the sequence's log-prob.
     want = sum(float(logp[b, len(prompt) - 1 + i, t]) for i, t in enumerate(beam[b]))
     np.testing.assert_allclose(b_score[b], want, rtol=1e-4)
+
+
+def per_layer_shapes(tree):
+  """HLO shape strings of each stacked LM array's per-layer slice (params or cache): its dims in
+  any order, and as 2-D bitcasts."""
+  shapes = set()
+  for path, x in traverse_util.flatten_dict(tree, sep="/").items():
+    layer = x.shape[lm_lib.stack_axes(path):]
+    if lm_lib.stack_axes(path) and len(layer) >= 2:
+      flat = [(layer[0], math.prod(layer[1:])), (math.prod(layer[:-1]), layer[-1])]
+      for dims in [*itertools.permutations(layer), *flat]:
+        shapes.add(f"f32[{','.join(map(str, dims))}]")
+  return shapes
+
+
+def loop_instructions(hlo, name_pattern, shapes):
+  """The decoding loop's HLO instructions whose name matches and whose output is in `shapes`."""
+  return [line.strip()[:120] for line in hlo.splitlines()
+          if (m := re.match(r"\s*(?:ROOT )?%(\S+) = (f32\[[\d,]*\])", line))
+          and re.search(name_pattern, m.group(1)) and m.group(2) in shapes
+          and "greedy_search)/while/body" in line]
+
+
+def test_unrolled_layers_decode_as_rolled_and_copy_no_weight_or_cache_per_step(setup):
+  model, params, images, prompts = setup
+  args = decode_args(model, params, images, prompts, (-1,))
+  unrolled = (lm_lib.LM(dataclasses.replace(model.lm, unroll_layers=True), decode=True),) + args[1:]
+  for search in (decode.greedy_search, functools.partial(decode.beam_search, beam_size=3)):
+    want, want_score = search(*args, max_new_tokens=6)
+    got, got_score = search(*unrolled, max_new_tokens=6)
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_allclose(got_score, want_score, rtol=1e-5)
+  hlo = decode.greedy_search.lower(*unrolled, max_new_tokens=6).compile().as_text()
+  # Each layer's weights are sliced out of their stacks before the loop, not at every step.
+  assert not loop_instructions(hlo, "slice", per_layer_shapes(params["lm"]))
+  # The attention reads the caches as stored (`layers.cache_layout`), no per-step transpose.
+  lm, _, visual, tokens = unrolled[:4]
+  cache = decode._cache_shapes(lm, tokens.shape[0], tokens.shape[1] + 6, visual)
+  assert not loop_instructions(hlo, "transpose|copy", per_layer_shapes(cache))
 
 
 def test_left_pad_and_context_error(setup):

@@ -19,6 +19,7 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 
 from flamingo_jax.models import lm as lm_lib
 
@@ -74,6 +75,26 @@ def _prefill(lm, params, visual, tokens, media_idx, lengths, max_new_tokens):
   logits, state = lm.apply({"params": params, "cache": cache}, tokens, visual, media_idx,
                            positions, key_mask, mutable=["cache"])
   return logits[:, -1], state["cache"], key_mask
+
+
+def _loop_params(lm, params):
+  """-> a function that returns the LM's parameters inside the decoding loop.
+
+  With unrolled layer stacks (`unroll_layers`) each layer's weights are sliced out of their stack
+  once, here, before the loop; inside it the stacks are rebuilt from those slices, which XLA folds
+  away (the slice of a concatenate is its operand), so no step copies a weight. Sliced inside the
+  loop, every weight was copied at every step. A rolled loop slices by its index either way.
+  """
+  if not lm.cfg.unroll_layers:
+    return lambda: params
+  split = lambda x, n: x if n == 0 else [split(x[i], n - 1) for i in range(x.shape[0])]
+  join = lambda x, n: x if n == 0 else jnp.stack([join(p, n - 1) for p in x])
+  depth = {path: lm_lib.stack_axes(path)
+           for path in traverse_util.flatten_dict(params, sep="/")}
+  pieces = {path: split(x, depth[path])
+            for path, x in traverse_util.flatten_dict(params, sep="/").items()}
+  return lambda: traverse_util.unflatten_dict(
+      {path: join(x, depth[path]) for path, x in pieces.items()}, sep="/")
 
 
 def _step(lm, params, cache, token, position, media_idx, key_mask):
@@ -190,6 +211,7 @@ def greedy_search(lm: lm_lib.LM, params, visual, tokens, media_idx, lengths, sto
   start = p - lengths
   history = jnp.concatenate([tokens, jnp.full((b, max_new_tokens), pad_id, jnp.int32)], 1)
   seen = jnp.zeros(logits.shape, bool).at[jnp.arange(b)[:, None], tokens].max(key_mask[:, :p])
+  loop_params = _loop_params(lm, params)
 
   def body(state):
     t, cache, logits, history, seen, score, done = state
@@ -202,7 +224,7 @@ def greedy_search(lm: lm_lib.LM, params, visual, tokens, media_idx, lengths, sto
     done = done | jnp.isin(token, stop_ids)
     history = history.at[:, p + t].set(token)
     seen = seen.at[jnp.arange(b), token].set(True)
-    logits, cache = _step(lm, params, cache, token, lengths + t, media, key_mask)
+    logits, cache = _step(lm, loop_params(), cache, token, lengths + t, media, key_mask)
     return t + 1, cache, logits, history, seen, score, done
 
   state = (0, cache, logits, history, seen, jnp.zeros(b), jnp.zeros(b, bool))
@@ -232,6 +254,7 @@ def beam_search(lm: lm_lib.LM, params, visual, tokens, media_idx, lengths, stop_
   lengths, media = lengths[beams], media_idx[beams, -1]
   v = logprobs.shape[-1]
   pad_only = jnp.where(jnp.arange(v) == pad_id, 0.0, -jnp.inf)  # A finished beam's one extension.
+  loop_params = _loop_params(lm, params)
 
   def rank(score, length):
     return score / jnp.maximum(length, 1).astype(jnp.float32) ** length_penalty
@@ -248,8 +271,8 @@ def beam_search(lm: lm_lib.LM, params, visual, tokens, media_idx, lengths, stop_
     done = jnp.take_along_axis(done, parent, 1) | jnp.isin(token, stop_ids)
     seqs = jnp.take_along_axis(seqs, parent[..., None], 1).at[:, :, t].set(token)
     rows = (jnp.arange(b)[:, None] * k + parent).reshape(-1)  # [B*K]
-    logits, cache = _step(lm, params, gather(cache, rows), token.reshape(-1), lengths + t, media,
-                          key_mask)
+    logits, cache = _step(lm, loop_params(), gather(cache, rows), token.reshape(-1), lengths + t,
+                          media, key_mask)
     return t + 1, cache, jax.nn.log_softmax(logits), seqs, score, length, done
 
   score = jnp.where(jnp.arange(k) == 0, 0.0, -jnp.inf)[None].repeat(b, 0)  # One live beam at first.

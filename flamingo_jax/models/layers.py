@@ -94,27 +94,37 @@ def norm(kind: str, *, eps: float = 1e-5, use_bias: bool = True, dtype=jnp.float
   raise ValueError(f"norm={kind!r} is unknown; expected 'layernorm' or 'rmsnorm'.")
 
 
-def attention(q, k, v, mask=None, bias=None, scale=None):
+def attention(q, k, v, mask=None, bias=None, scale=None, cache_layout=False):
   """Multi-head / grouped-query dot-product attention.
 
   q: [B, L, H, D]; k, v: [B, S, K, D] with H a multiple of K (GQA shares each k/v head among H/K
   query heads); mask: broadcastable to [B, 1, L, S] (True = attend); bias: broadcastable to
   [B, H, L, S]. Softmax runs in float32. Returns [B, L, H, D].
+
+  cache_layout: k is [B, K, D, S] and v [B, K, S, D], the decode caches' layout (`cache_layout`):
+  both dot products then read the cache as stored, where [B, S, K, D] is copied into this layout
+  at every decoding step.
   """
   b, l, h, d = q.shape
-  kh = k.shape[2]
+  kh = k.shape[1] if cache_layout else k.shape[2]
   if h % kh:
     raise ValueError(f"num_heads={h} must be a multiple of num_kv_heads={kh}.")
   scale = d ** -0.5 if scale is None else scale
   q = q.reshape(b, l, kh, h // kh, d)
-  logits = jnp.einsum("blkgd,bskd->bkgls", q, k).astype(jnp.float32) * scale
+  k_spec, v_spec = ("bkds", "bksd") if cache_layout else ("bskd", "bskd")
+  logits = jnp.einsum(f"blkgd,{k_spec}->bkgls", q, k).astype(jnp.float32) * scale
   if bias is not None:
     logits = logits + bias.reshape(bias.shape[0], kh, h // kh, *bias.shape[2:])
   if mask is not None:
     logits = jnp.where(mask[:, :, None], logits, NEG_INF)
   weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  out = jnp.einsum("bkgls,bskd->blkgd", weights, v)
+  out = jnp.einsum(f"bkgls,{v_spec}->blkgd", weights, v)
   return out.reshape(b, l, h, d)
+
+
+def cache_layout(k, v):
+  """k, v [B, S, K, D] -> k [B, K, D, S], v [B, K, S, D]: `attention(..., cache_layout=True)`'s."""
+  return k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)
 
 
 class FeedForward(nn.Module):

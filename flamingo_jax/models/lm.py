@@ -68,8 +68,9 @@ class LMConfig:
   param_dtype: str = "float32"
   remat_policy: str = "none"
   # Unroll the scanned layer stacks (same parameters, same checkpoints): on CPU a step is faster
-  # (no per-layer slicing of stacked weights and residuals), but compile time grows with depth;
-  # False, one rolled loop, is the TPU default.
+  # (no per-layer slicing of stacked weights and residuals) and a decoding step reads each weight
+  # where it lies (eval/decode.py), but compile time grows with depth; False, one rolled loop, is
+  # the TPU default.
   unroll_layers: bool = False
 
   def __post_init__(self):
@@ -202,18 +203,20 @@ class SelfAttention(nn.Module):
 
     b, l = x.shape[:2]
     q_slot = jnp.arange(l)  # Where each query sits in the key sequence.
+    cached = False  # Whether k, v are the whole cache, in `layers.cache_layout`.
     if self.decode:
+      k_new, v_new = layers.cache_layout(k, v)  # [B, K, D, L], [B, K, L, D]
       initialised = self.has_variable("cache", "cached_key")
-      ck = self.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype)
-      cv = self.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype)
+      ck = self.variable("cache", "cached_key", jnp.zeros, k_new.shape, k.dtype)
+      cv = self.variable("cache", "cached_value", jnp.zeros, v_new.shape, v.dtype)
       ci = self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
       if initialised:  # Write this chunk at the cache index; attend over the whole cache.
         idx = ci.value
-        ck.value = jax.lax.dynamic_update_slice(ck.value, k, (0, idx, 0, 0))
-        cv.value = jax.lax.dynamic_update_slice(cv.value, v, (0, idx, 0, 0))
+        ck.value = jax.lax.dynamic_update_slice(ck.value, k_new, (0, 0, 0, idx))
+        cv.value = jax.lax.dynamic_update_slice(cv.value, v_new, (0, 0, idx, 0))
         ci.value = idx + l
-        k, v, q_slot = ck.value, cv.value, idx + q_slot
-    k_slot = jnp.arange(k.shape[1])
+        k, v, q_slot, cached = ck.value, cv.value, idx + q_slot, True
+    k_slot = jnp.arange(k.shape[-1] if cached else k.shape[1])
     mask = k_slot[None, :] <= q_slot[:, None]  # [L, S]
     if cfg.sliding_window is not None:  # Slot distances are position distances (pads sit left).
       mask = mask & (k_slot[None, :] > q_slot[:, None] - cfg.sliding_window)
@@ -224,7 +227,7 @@ class SelfAttention(nn.Module):
     if cfg.position == "alibi":
       slopes = jnp.asarray(alibi_slopes(cfg.num_heads, cfg.alibi_bias_max))
       bias = -slopes[None, :, None, None] * (q_slot[:, None] - k_slot[None, :])[None, None]
-    out = layers.attention(q, k, v, mask=mask, bias=bias)
+    out = layers.attention(q, k, v, mask=mask, bias=bias, cache_layout=cached)
     return layers.dense(cfg.dim, ("heads", "kv", "embed"), axis=(-2, -1), **kw, name="out")(out)
 
 
@@ -388,6 +391,15 @@ _XATTN = ("groups/xattn/", "tail/xattn/")
 def _stack(path: str) -> int | None:
   """Index in _STACKS of the layer stack that holds the parameter at `path`, if any."""
   return next((i for i, (stack, _) in enumerate(_STACKS) if path.startswith(stack)), None)
+
+
+def stack_axes(path: str) -> int:
+  """Leading layer axes of the parameter at a '/'-joined path of an LM tree: one per `nn.scan`
+  around it (`groups/layers` 2, the other stacks and `groups/xattn` 1, unstacked 0)."""
+  i = _stack(path)
+  if i is not None:
+    return _STACKS[i][1]
+  return int(path.startswith("groups/"))
 
 
 def plain_path(path: str) -> tuple[str | None, int]:

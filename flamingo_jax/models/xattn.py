@@ -57,8 +57,9 @@ class XattnConfig:
 class MaskedCrossAttention(nn.Module):
   """Text→visual attention with LayerNorm on queries and (optionally) on keys/values.
 
-  In decode mode the projected visual keys/values are stored in the 'cache' collection on the
-  prompt's call and reused by every later step, which passes visual=None.
+  In decode mode the projected visual keys/values are stored in the 'cache' collection (in
+  `layers.cache_layout`) on the prompt's call and reused by every later step, which passes
+  visual=None.
   """
   num_heads: int
   num_latents: int
@@ -82,6 +83,8 @@ class MaskedCrossAttention(nn.Module):
       if self.norm_kv:
         x = layers.norm("layernorm", **kw, name="norm_kv")(x)
       k, v = proj("key")(x), proj("value")(x)  # [B, N*R, H, Dh]
+      if decode:
+        k, v = layers.cache_layout(k, v)  # [B, H, Dh, N*R], [B, H, N*R, Dh]
     if decode:
       cached_k = self.variable("cache", "visual_key", lambda: jnp.zeros_like(k))
       cached_v = self.variable("cache", "visual_value", lambda: jnp.zeros_like(v))
@@ -94,9 +97,10 @@ class MaskedCrossAttention(nn.Module):
 
     x = layers.norm("layernorm", **kw, name="norm_q")(y)
     q = proj("query")(x)  # [B, L, H, Dh]
-    mask = media_mask(media_idx, k.shape[1] // self.num_latents, self.num_latents,
+    keys = k.shape[-1] if decode else k.shape[1]
+    mask = media_mask(media_idx, keys // self.num_latents, self.num_latents,
                       self.only_attend_immediate)
-    out = layers.attention(q, k, v, mask=mask)  # [B, L, H, Dh]
+    out = layers.attention(q, k, v, mask=mask, cache_layout=decode)  # [B, L, H, Dh]
     out = jnp.where((media_idx > 0)[:, :, None, None], out, 0)  # No image yet: no visual input.
     return layers.dense(y.shape[-1], ("heads", "kv", "embed"), axis=(-2, -1), **kw,
                         name="out")(out)
