@@ -270,8 +270,10 @@ def theirs_train(theirs, tokens: np.ndarray, vocab: int):
   return step
 
 
-def ours_generate(model, params, features: np.ndarray, tokens: np.ndarray, new_tokens: int):
-  """(generate fn, bytes a decoding step reads at least): resampler + `decode.greedy_search`.
+def ours_generate(model, params, features: np.ndarray, tokens: np.ndarray, new_tokens: int,
+                  with_hlo: bool = False):
+  """(generate fn, bytes a decoding step reads at least[, optimized HLO text of the search]):
+  resampler + `decode.greedy_search`, both compiled here.
 
   The bytes: the LM's parameters (but untied input embedding tables, of which a step reads B rows)
   and its whole KV cache (self-attention and xattn), as `decode._prefill` allocates it.
@@ -283,21 +285,23 @@ def ours_generate(model, params, features: np.ndarray, tokens: np.ndarray, new_t
   lengths = np.full(tokens.shape[0], tokens.shape[1], np.int32)
   features, tokens, params = jax.device_put((features, tokens, params))
   no_stop = jnp.array([-1], jnp.int32)
+  visual = jax.eval_shape(resample, params, features)
+  resample = resample.lower(params, features).compile()
+  search = decode.greedy_search.lower(lm, params["lm"], visual, tokens, media_idx, lengths,
+                                      no_stop, 0, max_new_tokens=new_tokens).compile()
 
   def generate():
-    visual = resample(params, features)
-    out, _ = decode.greedy_search(lm, params["lm"], visual, tokens, media_idx, lengths, no_stop,
-                                  0, max_new_tokens=new_tokens)
+    out, _ = search(params["lm"], resample(params, features), tokens, media_idx, lengths,
+                    no_stop, 0)
     return jax.block_until_ready(out)
 
-  visual = jax.eval_shape(resample, params, features)
   cache = jax.eval_shape(lambda p, v: decode._prefill(  # pylint: disable=protected-access
       lm, p, v, tokens, media_idx, lengths, new_tokens)[1], params["lm"], visual)
   nbytes = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
   weights = dict(params["lm"])
   if not model.lm.tied_embeddings:  # A step gathers B rows of the input tables, reads no more.
     weights.pop("token_embed"), weights.pop("new_token_embed", None)
-  return generate, nbytes(weights) + nbytes(cache)
+  return (generate, nbytes(weights) + nbytes(cache)) + ((search.as_text(),) if with_hlo else ())
 
 
 def theirs_generate(theirs, tokens: np.ndarray, new_tokens: int):
@@ -360,7 +364,7 @@ def run(size: Size, reps: int, warmup: int, peak: float, bandwidth: float) -> di
     for name, m in models.items():
       gens[name, new_tokens], nbytes = ours_generate(m, params, features, prompt, new_tokens)
     gens["theirs", new_tokens] = theirs_generate(theirs, prompt, new_tokens)
-  gen = median_seconds(gens, reps, max(warmup, 1))  # Our first calls compile.
+  gen = median_seconds(gens, reps, warmup)
   tokens_per_s = {k: size.batch * size.new_tokens / gen[k, size.new_tokens] for k in names}
   step_ms = {k: (gen[k, size.new_tokens] - gen[k, 1]) / (size.new_tokens - 1) * 1e3
              for k in names}

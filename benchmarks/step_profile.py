@@ -12,8 +12,13 @@ every XLA operation, grouped by
         zero-filled stacks), elementwise/other.
 Operations can overlap on XLA's threads, so the total may exceed the wall time.
 
+--decode traces speed.py's generation call instead (resampler, then `decode.greedy_search` of 32
+new tokens); its parts are split into the prompt's forward pass and the decoding loop, and the
+times are per call.
+
 python benchmarks/step_profile.py                      # base point, rolled scan
 python benchmarks/step_profile.py --unroll --vocab=32768 --every=1
+python benchmarks/step_profile.py --decode --unroll
 """
 import collections
 import dataclasses
@@ -39,23 +44,29 @@ from benchmarks import speed
 _UNROLL = flags.DEFINE_bool("unroll", False, "model.unroll_layers=True.")
 _STEPS = flags.DEFINE_integer("steps", 3, "Traced steps (after one untimed).")
 _TOP = flags.DEFINE_integer("top", 15, "Also list the N slowest instructions.")
+_DECODE = flags.DEFINE_bool("decode", False, "Trace greedy generation, not the train step.")
 
 KINDS = (("matmul", r"^(ynn_fusion|xnn_fusion|onednn|dot|custom-call)"),
          ("layout copy", r"(transpose|copy)"),
          ("scan bookkeeping", r"(dynamic-slice|dynamic-update-slice|wrapped_broadcast)"),
          ("elementwise/other", r""))
 PARTS = (("resampler", r"/resampler/"), ("xattn", r"/xattn/"), ("LM layers", r"/layers/"),
-         ("embeddings, LM head and loss", r""))
+         ("rest", r""))
+REST = {False: "embeddings, LM head and loss", True: "embeddings, LM head and token choice"}
 
 
-def classify(op_name: str, instruction: str) -> tuple[str, str]:
+def classify(op_name: str, instruction: str, decode: bool = False) -> tuple[str, str]:
   """(part, kind) of one HLO instruction from its name and its metadata op_name."""
   kind = next(k for k, pattern in KINDS if re.search(pattern, instruction))
   if not op_name:
     return "(no metadata)", kind
+  part = next(p for p, pattern in PARTS if re.search(pattern, op_name))
+  part = REST[decode] if part == "rest" else part
+  if decode:  # The search's while loop makes the new tokens; before it, the prompt's pass.
+    loop = "greedy_search)/while/body" in op_name
+    return part + (", decoding loop" if loop else ", prompt"), kind
   if "jvp(" not in op_name:  # Outside the differentiated function: AdamW, clipping, sums.
     return "optimizer", kind
-  part = next(p for p, pattern in PARTS if re.search(pattern, op_name))
   return part + (", backward" if "transpose(jvp" in op_name else ", forward"), kind
 
 
@@ -70,25 +81,28 @@ def op_names(hlo_text: str) -> dict[str, str]:
   return names
 
 
-def instruction_ms(trace_dir: str, names: dict[str, str], steps: int) -> dict[str, float]:
-  """{HLO instruction: ms per step} from the perfetto trace (loops' own events left out)."""
+def instruction_ms(trace_dir: str, names: dict[str, str], steps: int, module: str | None = None
+                   ) -> dict[str, float]:
+  """{HLO instruction: ms per step} from the perfetto trace (loops' own events left out), of the
+  HLO module so named only if `module` is given (another computation's names may coincide)."""
   path = sorted(glob.glob(f"{trace_dir}/plugins/profile/*/perfetto_trace.json.gz"))[-1]
   with gzip.open(path) as f:
     data = json.load(f)
   events = data["traceEvents"] if isinstance(data, dict) else data
   totals = collections.Counter()
   for event in events:
-    if event.get("ph") == "X" and event["name"] in names and not event["name"].startswith("while"):
+    if (event.get("ph") == "X" and event["name"] in names and not event["name"].startswith("while")
+        and module in (None, event.get("args", {}).get("hlo_module"))):
       totals[event["name"]] += event["dur"] / 1e3 / steps
   return totals
 
 
-def breakdown(per_instruction: dict[str, float], names: dict[str, str]
+def breakdown(per_instruction: dict[str, float], names: dict[str, str], decode: bool = False
               ) -> dict[tuple[str, str], float]:
   """{(part, kind): ms per step}."""
   totals = collections.Counter()
   for instruction, ms in per_instruction.items():
-    totals[classify(names[instruction], instruction)] += ms
+    totals[classify(names[instruction], instruction, decode)] += ms
   return totals
 
 
@@ -110,8 +124,13 @@ def main(argv):
     _, model, params, features = speed.build(size, workdir)
   if _UNROLL.value:
     model = model.clone(lm=dataclasses.replace(model.lm, unroll_layers=True))
-  tokens = speed.tokens_for(size, size.seq, seed=1)
-  step, _, _, hlo = speed.ours_train(model, params, features.numpy(), tokens, with_hlo=True)
+  if _DECODE.value:
+    prompt = speed.tokens_for(size, size.prompt, seed=2)
+    step, _, hlo = speed.ours_generate(model, params, features.numpy(), prompt, size.new_tokens,
+                                       with_hlo=True)
+  else:
+    tokens = speed.tokens_for(size, size.seq, seed=1)
+    step, _, _, hlo = speed.ours_train(model, params, features.numpy(), tokens, with_hlo=True)
   step()
   with tempfile.TemporaryDirectory() as trace_dir:
     jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
@@ -119,9 +138,11 @@ def main(argv):
       step()
     jax.profiler.stop_trace()
     names = op_names(hlo)
-    per_instruction = instruction_ms(trace_dir, names, _STEPS.value)
+    per_instruction = instruction_ms(trace_dir, names, _STEPS.value,
+                                     "jit_greedy_search" if _DECODE.value else None)
   print(f"{size.label()}, unroll_layers={_UNROLL.value}, 1-minute load average "
-        f"{os.getloadavg()[0]:.2f}; ms per step:\n\n{table(breakdown(per_instruction, names))}\n")
+        f"{os.getloadavg()[0]:.2f}; ms per {'generation call' if _DECODE.value else 'step'}:\n\n"
+        f"{table(breakdown(per_instruction, names, _DECODE.value))}\n")
   for instruction, ms in per_instruction.most_common(_TOP.value):
     print(f"{ms:8.1f} ms  {instruction}  {names[instruction]}")
 

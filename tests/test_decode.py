@@ -148,24 +148,43 @@ def test_beam_search_beats_or_ties_greedy_and_scores_are_true_logprobs(setup):
 
 
 def per_layer_shapes(tree):
-  """HLO shape strings of each stacked LM array's per-layer slice (params or cache): its dims in
-  any order, and as 2-D bitcasts."""
+  """Each stacked LM array's per-layer slice (params or cache): its dims in any order and as 2-D
+  bitcasts, without dims of size 1."""
   shapes = set()
   for path, x in traverse_util.flatten_dict(tree, sep="/").items():
     layer = x.shape[lm_lib.stack_axes(path):]
     if lm_lib.stack_axes(path) and len(layer) >= 2:
       flat = [(layer[0], math.prod(layer[1:])), (math.prod(layer[:-1]), layer[-1])]
-      for dims in [*itertools.permutations(layer), *flat]:
-        shapes.add(f"f32[{','.join(map(str, dims))}]")
+      shapes.update(tuple(d for d in dims if d != 1)
+                    for dims in [*itertools.permutations(layer), *flat])
   return shapes
 
 
 def loop_instructions(hlo, name_pattern, shapes):
-  """The decoding loop's HLO instructions whose name matches and whose output is in `shapes`."""
-  return [line.strip()[:120] for line in hlo.splitlines()
-          if (m := re.match(r"\s*(?:ROOT )?%(\S+) = (f32\[[\d,]*\])", line))
-          and re.search(name_pattern, m.group(1)) and m.group(2) in shapes
-          and "greedy_search)/while/body" in line]
+  """Instructions of the decoding loop's body (and of the loops in it) whose name matches and
+  whose f32 output, without dims of size 1, is in `shapes`."""
+  computations, name = {}, None
+  for line in hlo.splitlines():
+    if (start := re.match(r"(ENTRY )?%(\S+) .*\{$", line)):
+      name = "ENTRY" if start.group(1) else start.group(2)
+      computations[name] = []
+    elif line == "}":
+      name = None
+    elif name:
+      computations[name].append(line)
+  loops = [re.search(r"body=%([\w.\-]+)", l).group(1) for l in computations["ENTRY"]
+           if " while(" in l]
+  found, seen = [], set()
+  while loops:
+    body = loops.pop()
+    seen.add(body)
+    for line in computations[body]:
+      loops += [b for b in re.findall(r"body=%([\w.\-]+)", line) if b not in seen]
+      m = re.match(r"\s*(?:ROOT )?%(\S+) = f32\[([\d,]*)\]", line)
+      if m and re.search(name_pattern, m.group(1)) and tuple(
+          int(d) for d in m.group(2).split(",") if d and int(d) != 1) in shapes:
+        found.append(line.strip()[:120])
+  return found
 
 
 def test_unrolled_layers_decode_as_rolled_and_copy_no_weight_or_cache_per_step(setup):
@@ -180,7 +199,8 @@ def test_unrolled_layers_decode_as_rolled_and_copy_no_weight_or_cache_per_step(s
   hlo = decode.greedy_search.lower(*unrolled, max_new_tokens=6).compile().as_text()
   # Each layer's weights are sliced out of their stacks before the loop, not at every step.
   assert not loop_instructions(hlo, "slice", per_layer_shapes(params["lm"]))
-  # The attention reads the caches as stored (`layers.cache_layout`), no per-step transpose.
+  # Each layer's cache is updated in place and read as stored (`layers.cache_layout`): no step
+  # copies or transposes it.
   lm, _, visual, tokens = unrolled[:4]
   cache = decode._cache_shapes(lm, tokens.shape[0], tokens.shape[1] + 6, visual)
   assert not loop_instructions(hlo, "transpose|copy", per_layer_shapes(cache))

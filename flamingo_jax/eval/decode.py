@@ -77,24 +77,25 @@ def _prefill(lm, params, visual, tokens, media_idx, lengths, max_new_tokens):
   return logits[:, -1], state["cache"], key_mask
 
 
-def _loop_params(lm, params):
-  """-> a function that returns the LM's parameters inside the decoding loop.
+def _per_layer(lm):
+  """(hold, read): how the decoding loop keeps the LM's parameters and cache, and rebuilds them.
 
-  With unrolled layer stacks (`unroll_layers`) each layer's weights are sliced out of their stack
-  once, here, before the loop; inside it the stacks are rebuilt from those slices, which XLA folds
-  away (the slice of a concatenate is its operand), so no step copies a weight. Sliced inside the
-  loop, every weight was copied at every step. A rolled loop slices by its index either way.
+  With unrolled layer stacks (`unroll_layers`) the loop holds every stacked array as one array per
+  layer (`hold`): the parameters split once before the loop, the cache in the loop's state. Inside
+  a step `read` stacks them again for the LM, which XLA folds away (a slice of a concatenate is
+  its operand), so no step copies a weight, and each layer's cache is updated in place. Held
+  stacked, every step copied each weight and each layer's cache out of its stack (and the cache
+  back). A rolled loop slices by its index either way: both are the identity there.
   """
   if not lm.cfg.unroll_layers:
-    return lambda: params
+    return (lambda tree: tree), (lambda held: held)
   split = lambda x, n: x if n == 0 else [split(x[i], n - 1) for i in range(x.shape[0])]
   join = lambda x, n: x if n == 0 else jnp.stack([join(p, n - 1) for p in x])
-  depth = {path: lm_lib.stack_axes(path)
-           for path in traverse_util.flatten_dict(params, sep="/")}
-  pieces = {path: split(x, depth[path])
-            for path, x in traverse_util.flatten_dict(params, sep="/").items()}
-  return lambda: traverse_util.unflatten_dict(
-      {path: join(x, depth[path]) for path, x in pieces.items()}, sep="/")
+  hold = lambda tree: {path: split(x, lm_lib.stack_axes(path))
+                       for path, x in traverse_util.flatten_dict(tree, sep="/").items()}
+  read = lambda held: traverse_util.unflatten_dict(
+      {path: join(x, lm_lib.stack_axes(path)) for path, x in held.items()}, sep="/")
+  return hold, read
 
 
 def _step(lm, params, cache, token, position, media_idx, key_mask):
@@ -211,7 +212,8 @@ def greedy_search(lm: lm_lib.LM, params, visual, tokens, media_idx, lengths, sto
   start = p - lengths
   history = jnp.concatenate([tokens, jnp.full((b, max_new_tokens), pad_id, jnp.int32)], 1)
   seen = jnp.zeros(logits.shape, bool).at[jnp.arange(b)[:, None], tokens].max(key_mask[:, :p])
-  loop_params = _loop_params(lm, params)
+  hold, read = _per_layer(lm)
+  held_params = hold(params)
 
   def body(state):
     t, cache, logits, history, seen, score, done = state
@@ -224,10 +226,11 @@ def greedy_search(lm: lm_lib.LM, params, visual, tokens, media_idx, lengths, sto
     done = done | jnp.isin(token, stop_ids)
     history = history.at[:, p + t].set(token)
     seen = seen.at[jnp.arange(b), token].set(True)
-    logits, cache = _step(lm, loop_params(), cache, token, lengths + t, media, key_mask)
+    logits, cache = _step(lm, read(held_params), read(cache), token, lengths + t, media, key_mask)
+    cache = hold(cache)
     return t + 1, cache, logits, history, seen, score, done
 
-  state = (0, cache, logits, history, seen, jnp.zeros(b), jnp.zeros(b, bool))
+  state = (0, hold(cache), logits, history, seen, jnp.zeros(b), jnp.zeros(b, bool))
   state = jax.lax.while_loop(lambda s: (s[0] < max_new_tokens) & ~s[-1].all(), body, state)
   return state[3][:, p:], state[5]
 
@@ -254,7 +257,8 @@ def beam_search(lm: lm_lib.LM, params, visual, tokens, media_idx, lengths, stop_
   lengths, media = lengths[beams], media_idx[beams, -1]
   v = logprobs.shape[-1]
   pad_only = jnp.where(jnp.arange(v) == pad_id, 0.0, -jnp.inf)  # A finished beam's one extension.
-  loop_params = _loop_params(lm, params)
+  hold, read = _per_layer(lm)
+  held_params = hold(params)
 
   def rank(score, length):
     return score / jnp.maximum(length, 1).astype(jnp.float32) ** length_penalty
@@ -271,12 +275,13 @@ def beam_search(lm: lm_lib.LM, params, visual, tokens, media_idx, lengths, stop_
     done = jnp.take_along_axis(done, parent, 1) | jnp.isin(token, stop_ids)
     seqs = jnp.take_along_axis(seqs, parent[..., None], 1).at[:, :, t].set(token)
     rows = (jnp.arange(b)[:, None] * k + parent).reshape(-1)  # [B*K]
-    logits, cache = _step(lm, loop_params(), gather(cache, rows), token.reshape(-1), lengths + t,
-                          media, key_mask)
+    logits, cache = _step(lm, read(held_params), gather(read(cache), rows), token.reshape(-1),
+                          lengths + t, media, key_mask)
+    cache = hold(cache)
     return t + 1, cache, jax.nn.log_softmax(logits), seqs, score, length, done
 
   score = jnp.where(jnp.arange(k) == 0, 0.0, -jnp.inf)[None].repeat(b, 0)  # One live beam at first.
-  state = (0, cache, logprobs, jnp.full((b, k, max_new_tokens), pad_id, jnp.int32), score,
+  state = (0, hold(cache), logprobs, jnp.full((b, k, max_new_tokens), pad_id, jnp.int32), score,
            jnp.zeros((b, k), jnp.int32), jnp.zeros((b, k), bool))
   state = jax.lax.while_loop(lambda s: (s[0] < max_new_tokens) & ~s[-1].all(), body, state)
   _, _, _, seqs, score, length, _ = state
