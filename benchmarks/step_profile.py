@@ -10,7 +10,8 @@ every XLA operation, grouped by
   kind  matmul (YNNPACK/oneDNN/Eigen dot fusions), layout copy (transpose/copy fusions),
         scan bookkeeping (dynamic-slice / dynamic-update-slice of stacked weights and residuals,
         zero-filled stacks), elementwise/other.
-Operations can overlap on XLA's threads, so the total may exceed the wall time.
+Operations can overlap on XLA's threads, so the total may exceed the wall time. The process runs
+with `host_memory.reuse_cpu_step_buffers`, as speed.py does.
 
 --decode traces speed.py's generation call instead (resampler, then `decode.greedy_search` of 32
 new tokens); its parts are split into the prompt's forward pass and the decoding loop, and the
@@ -40,6 +41,7 @@ from absl import flags
 import jax
 
 from benchmarks import speed
+from flamingo_jax import host_memory
 
 _UNROLL = flags.DEFINE_bool("unroll", False, "model.unroll_layers=True.")
 _STEPS = flags.DEFINE_integer("steps", 3, "Traced steps (after one untimed).")
@@ -119,6 +121,7 @@ def table(totals: dict[tuple[str, str], float]) -> str:
 
 def main(argv):
   del argv
+  host_memory.reuse_cpu_step_buffers()  # As speed.py runs it.
   size = speed.grid(speed.BASES["small"], speed.flag_axes(), full=False)[0]
   with tempfile.TemporaryDirectory() as workdir:
     _, model, params, features = speed.build(size, workdir)
