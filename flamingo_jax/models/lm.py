@@ -394,8 +394,9 @@ def _stack(path: str) -> int | None:
 
 
 def stack_axes(path: str) -> int:
-  """Leading layer axes of the parameter at a '/'-joined path of an LM tree: one per `nn.scan`
-  around it (`groups/layers` 2, the other stacks and `groups/xattn` 1, unstacked 0)."""
+  """Leading layer axes of the array at a '/'-joined path of an LM tree, parameters or decode
+  cache: one per `nn.scan` around it (`groups/layers` 2, the other stacks and `groups/xattn` 1,
+  unstacked 0)."""
   i = _stack(path)
   if i is not None:
     return _STACKS[i][1]
