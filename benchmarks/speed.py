@@ -199,6 +199,17 @@ def build(size: Size, workdir: str):
   return theirs, ours, params, features
 
 
+def base_point():
+  """(size, our model, params, CLIP features [B, N, 1, S, C]) at the base grid point (the first
+  value of each axis flag), for a process that runs as speed.py does (host_memory's settings
+  made first, here): step_profile.py and cpu_matmuls.py."""
+  host_memory.reuse_cpu_step_buffers()
+  size = grid(BASES["small"], flag_axes(), full=False)[0]
+  with tempfile.TemporaryDirectory() as workdir:
+    _, model, params, features = build(size, workdir)
+  return size, model, params, features.numpy()
+
+
 class Features(torch.nn.Module):
   """Stands in for OpenFlamingo's CLIP ViT: returns the precomputed patch features [B·N, S, C]."""
 
@@ -217,9 +228,10 @@ def tokens_for(size: Size, length: int, seed: int) -> np.ndarray:
   return tokens
 
 
-def ours_train(model, params, features: np.ndarray, tokens: np.ndarray, with_hlo: bool = False):
+def ours_train(model, params, features: np.ndarray, tokens: np.ndarray, with_hlo: bool = False,
+               compiler_options=None):
   """(step fn, compile seconds, jaxpr matmul FLOPs per step[, optimized HLO text]) of our real
-  update step."""
+  update step (compiled with XLA `compiler_options` over the project's, if given)."""
   config = common.training(total_steps=1000)
   rules = optim.param_rules(params, config.schedule)
   tx, _ = optim.make_optimizer(config, rules)
@@ -235,7 +247,7 @@ def ours_train(model, params, features: np.ndarray, tokens: np.ndarray, with_hlo
   state = {"train": {"step": jnp.zeros((), jnp.int32), "rng": jax.random.PRNGKey(0),
                      "params": trainable, "opt_state": tx.init(trainable)}}
   start = time.perf_counter()
-  compiled = update.lower(state["train"], frozen, batches).compile()
+  compiled = update.lower(state["train"], frozen, batches).compile(compiler_options)
   compile_s = time.perf_counter() - start
 
   def step():
@@ -271,9 +283,10 @@ def theirs_train(theirs, tokens: np.ndarray, vocab: int):
 
 
 def ours_generate(model, params, features: np.ndarray, tokens: np.ndarray, new_tokens: int,
-                  with_hlo: bool = False):
+                  with_hlo: bool = False, compiler_options=None):
   """(generate fn, bytes a decoding step reads at least[, optimized HLO text of the search]):
-  resampler + `decode.greedy_search`, both compiled here.
+  resampler + `decode.greedy_search`, both compiled here (the search with XLA `compiler_options`
+  over the project's, if given).
 
   The bytes: the LM's parameters (but untied input embedding tables, of which a step reads B rows)
   and its whole KV cache (self-attention and xattn), as `decode._prefill` allocates it.
@@ -288,7 +301,8 @@ def ours_generate(model, params, features: np.ndarray, tokens: np.ndarray, new_t
   visual = jax.eval_shape(resample, params, features)
   resample = resample.lower(params, features).compile()
   search = decode.greedy_search.lower(lm, params["lm"], visual, tokens, media_idx, lengths,
-                                      no_stop, 0, max_new_tokens=new_tokens).compile()
+                                      no_stop, 0, max_new_tokens=new_tokens
+                                      ).compile(compiler_options)
 
   def generate():
     out, _ = search(params["lm"], resample(params, features), tokens, media_idx, lengths,

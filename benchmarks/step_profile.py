@@ -10,8 +10,10 @@ every XLA operation, grouped by
   kind  matmul (YNNPACK/oneDNN/Eigen dot fusions), layout copy (transpose/copy fusions),
         scan bookkeeping (dynamic-slice / dynamic-update-slice of stacked weights and residuals,
         zero-filled stacks), elementwise/other.
-Operations can overlap on XLA's threads, so the total may exceed the wall time. The process runs
-with `host_memory.reuse_cpu_step_buffers`, as speed.py does.
+The wall time of the traced calls is printed beside: operations can overlap on XLA's threads, so
+the total may exceed it, and time between operations is in no operation (decoding's total falls
+well short of it, benchmarks/RESULTS.md). The process runs with
+`host_memory.reuse_cpu_step_buffers`, as speed.py does.
 
 --decode traces speed.py's generation call instead (resampler, then `decode.greedy_search` of 32
 new tokens); its parts are split into the prompt's forward pass and the decoding loop, and the
@@ -31,6 +33,7 @@ import pathlib
 import re
 import sys
 import tempfile
+import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -41,7 +44,6 @@ from absl import flags
 import jax
 
 from benchmarks import speed
-from flamingo_jax import host_memory
 
 _UNROLL = flags.DEFINE_bool("unroll", False, "model.unroll_layers=True.")
 _STEPS = flags.DEFINE_integer("steps", 3, "Traced steps (after one untimed).")
@@ -121,30 +123,30 @@ def table(totals: dict[tuple[str, str], float]) -> str:
 
 def main(argv):
   del argv
-  host_memory.reuse_cpu_step_buffers()  # As speed.py runs it.
-  size = speed.grid(speed.BASES["small"], speed.flag_axes(), full=False)[0]
-  with tempfile.TemporaryDirectory() as workdir:
-    _, model, params, features = speed.build(size, workdir)
+  size, model, params, features = speed.base_point()
   if _UNROLL.value:
     model = model.clone(lm=dataclasses.replace(model.lm, unroll_layers=True))
   if _DECODE.value:
     prompt = speed.tokens_for(size, size.prompt, seed=2)
-    step, _, hlo = speed.ours_generate(model, params, features.numpy(), prompt, size.new_tokens,
+    step, _, hlo = speed.ours_generate(model, params, features, prompt, size.new_tokens,
                                        with_hlo=True)
   else:
     tokens = speed.tokens_for(size, size.seq, seed=1)
-    step, _, _, hlo = speed.ours_train(model, params, features.numpy(), tokens, with_hlo=True)
+    step, _, _, hlo = speed.ours_train(model, params, features, tokens, with_hlo=True)
   step()
   with tempfile.TemporaryDirectory() as trace_dir:
     jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
+    start = time.perf_counter()
     for _ in range(_STEPS.value):
       step()
+    wall_ms = (time.perf_counter() - start) / _STEPS.value * 1e3
     jax.profiler.stop_trace()
     names = op_names(hlo)
     per_instruction = instruction_ms(trace_dir, names, _STEPS.value,
                                      "jit_greedy_search" if _DECODE.value else None)
-  print(f"{size.label()}, unroll_layers={_UNROLL.value}, 1-minute load average "
-        f"{os.getloadavg()[0]:.2f}; ms per {'generation call' if _DECODE.value else 'step'}:\n\n"
+  print(f"{size.label()}, unroll_layers={_UNROLL.value}, "
+        f"1-minute load average {os.getloadavg()[0]:.2f}; ms per "
+        f"{'generation call' if _DECODE.value else 'step'} (wall time {wall_ms:.0f} ms):\n\n"
         f"{table(breakdown(per_instruction, names, _DECODE.value))}\n")
   for instruction, ms in per_instruction.most_common(_TOP.value):
     print(f"{ms:8.1f} ms  {instruction}  {names[instruction]}")

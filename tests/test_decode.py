@@ -206,6 +206,24 @@ def test_unrolled_layers_decode_as_rolled_and_copy_no_weight_or_cache_per_step(s
   assert not loop_instructions(hlo, "transpose|copy", per_layer_shapes(cache))
 
 
+def test_decoding_compiles_with_eigen_matmuls_on_cpu_and_the_same_tokens(setup):
+  """`decode.CPU_COMPILER_OPTIONS` reach both searches' compiles: XLA:CPU would hand their matmuls
+  to YNNPACK (`__ynn_fusion`), they compile to Eigen's; tokens and scores do not change."""
+  assert jax.default_backend() == "cpu"
+  model, params, images, prompts = setup
+  args = decode_args(model, params, images, prompts, (-1,))
+  for search, static in ((decode.greedy_search, ("lm", "max_new_tokens", "controls")),
+                         (decode.beam_search, ("lm", "max_new_tokens", "beam_size"))):
+    xla_default = jax.jit(search.__wrapped__, static_argnames=static)
+    compiled = {name: fn.lower(*args, max_new_tokens=5).compile()
+                for name, fn in (("ours", search), ("xla_default", xla_default))}
+    assert '"__ynn_fusion"' in compiled["xla_default"].as_text()
+    assert '"__ynn_fusion"' not in compiled["ours"].as_text()
+    (want, want_score), (got, got_score) = (compiled[n](*args[1:]) for n in ("xla_default", "ours"))
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_allclose(got_score, want_score, rtol=1e-5)
+
+
 def test_left_pad_and_context_error(setup):
   model, params, images, _ = setup
   tokens, media_idx, lengths = decode.left_pad([[1, V, 5], [1, 6]], 3, V, multiple=4)

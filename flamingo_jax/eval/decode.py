@@ -23,6 +23,35 @@ from flax import traverse_util
 
 from flamingo_jax.models import lm as lm_lib
 
+# XLA:CPU hands matmuls to YNNPACK by default. A decoding step's (a few rows against each weight:
+# reading the weights is the work) run faster as Eigen's: 4-17% less time per step, the prompt's
+# pass 2-8% more (`python benchmarks/cpu_matmuls.py`, benchmarks/RESULTS.md). The train step is
+# the same either way and keeps XLA's default.
+CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+
+
+class _Jit:
+  """jax.jit that compiles with CPU_COMPILER_OPTIONS when JAX's default backend is the CPU.
+
+  Chosen per call, not at import (which must not start a backend); other backends get none, as
+  an XLA:CPU option means nothing to them.
+  """
+
+  def __init__(self, fn, **jit_kwargs):
+    self._by_cpu = {cpu: jax.jit(fn, compiler_options=CPU_COMPILER_OPTIONS if cpu else None,
+                                 **jit_kwargs) for cpu in (False, True)}
+    functools.update_wrapper(self, fn)
+
+  def _jitted(self):
+    return self._by_cpu[jax.default_backend() == "cpu"]
+
+  def __call__(self, *args, **kwargs):
+    return self._jitted()(*args, **kwargs)
+
+  def lower(self, *args, **kwargs):
+    return self._jitted().lower(*args, **kwargs)
+
+
 @functools.partial(jax.jit, static_argnums=0)
 def visual_tokens(model, params, images) -> jax.Array:
   """images [B, N, T, H, W, 3] -> the resampler's visual tokens [B, N, R, D] (the LM's keys)."""
@@ -193,7 +222,7 @@ def _process(controls: Controls, logits, seen, history, start, length):
   return logits
 
 
-@functools.partial(jax.jit, static_argnames=("lm", "max_new_tokens", "controls"))
+@functools.partial(_Jit, static_argnames=("lm", "max_new_tokens", "controls"))
 def greedy_search(lm: lm_lib.LM, params, visual, tokens, media_idx, lengths, stop_ids, pad_id, *,
                   max_new_tokens: int, controls: Controls = Controls(), rng=None):
   """Greedy decoding, or sampling with an rng -> (generated ids [B, T] with the stop token then
@@ -235,7 +264,7 @@ def greedy_search(lm: lm_lib.LM, params, visual, tokens, media_idx, lengths, sto
   return state[3][:, p:], state[5]
 
 
-@functools.partial(jax.jit, static_argnames=("lm", "max_new_tokens", "beam_size"))
+@functools.partial(_Jit, static_argnames=("lm", "max_new_tokens", "beam_size"))
 def beam_search(lm: lm_lib.LM, params, visual, tokens, media_idx, lengths, stop_ids, pad_id, *,
                 max_new_tokens: int, beam_size: int = 3, length_penalty: float = 1.0):
   """Beam search per row -> (best generated ids [B, T], its raw log-prob [B]).
