@@ -119,6 +119,28 @@ def test_bad_config_fails_at_startup(tmp_path, field, value, message):
   assert not (tmp_path / "checkpoints").exists()
 
 
+def test_input_is_closed_when_setup_fails_after_it_is_made(tmp_path, monkeypatch):
+  """An error between making the input and the loop (here in make_setup) still closes the input
+  (its worker processes), as the loop's end does."""
+  closed = []
+  make_input = trainer.input_lib.make_input
+
+  def recording_make_input(config, mesh):
+    data = make_input(config, mesh)
+    close = data.close
+    data.close = lambda: closed.append(True) or close()
+    return data
+
+  def failing_setup(*args):
+    raise RuntimeError("setup failed")
+
+  monkeypatch.setattr(trainer.input_lib, "make_input", recording_make_input)
+  monkeypatch.setattr(trainer, "make_setup", failing_setup)
+  with pytest.raises(RuntimeError, match="setup failed"):
+    trainer.train(tiny.get_config(), str(tmp_path))
+  assert closed == [True]
+
+
 def test_paper_config_names_its_required_fields(tmp_path):
   """The 3B config trains on nothing it was not told: datasets and tokenizer are required."""
   config = flamingo_3b.get_config()

@@ -255,6 +255,15 @@ def _train(config, workdir: str, lock: workdir_lock.WorkdirLock,
                      "'round_robin'.")
   profiler = profiler_lib.StepProfiler(config.get("profile_steps"), workdir)
   data = input_lib.make_input(config, mesh)
+  try:
+    return _train_on(data, config, workdir, lock, evaluator, mesh, kind, model, profiler)
+  finally:
+    data.close()  # Its worker processes, if any, however the run ends (a setup error too).
+
+
+def _train_on(data, config, workdir: str, lock: workdir_lock.WorkdirLock, evaluator, mesh: Mesh,
+              kind, model, profiler: profiler_lib.StepProfiler) -> tuple[dict, dict, dict]:
+  """_train() once its input is made: set up or resume, then the loop."""
   names = list(data.weights)
 
   # ----------------------------------------------------------------------- model, optimizer, step
@@ -368,7 +377,6 @@ def _train(config, workdir: str, lock: workdir_lock.WorkdirLock,
     if pending is not None:
       check_and_log(*pending)
   finally:
-    data.close()  # Its worker processes, if any.
     writer.close()
     sigterm.restore()
     ckpt_lib.finish(manager)
