@@ -224,6 +224,23 @@ def test_decoding_compiles_with_eigen_matmuls_on_cpu_and_the_same_tokens(setup):
     np.testing.assert_allclose(got_score, want_score, rtol=1e-5)
 
 
+def test_prompt_call_computes_the_head_at_the_last_position_only(setup):
+  """The prompt's call needs the last position's logits only (`LM(..., last_only=True)`): its
+  head's matmul has B rows, not B x P, and they equal the full forward's last logits."""
+  model, params, images, prompts = setup
+  args = decode_args(model, params, images, prompts, (-1,))
+  lm, lm_params, visual, tokens, media_idx = args[:5]
+  hlo = decode.greedy_search.lower(*args, max_new_tokens=3).compile().as_text()
+  rows = [math.prod(int(d) for d in m.group(1).split(",")[:-1])
+          for m in re.finditer(r"= f32\[([\d,]+)\]\S* [\w-]+\(.*op_name=\"([^\"]*)\"", hlo)
+          if m.group(2).endswith("/lm_head/dot_general") and "while/body" not in m.group(2)]
+  assert rows and all(r == tokens.shape[0] for r in rows), rows
+  plain = lm_lib.LM(model.lm)
+  full = plain.apply({"params": lm_params}, tokens, visual, media_idx)
+  last = plain.apply({"params": lm_params}, tokens, visual, media_idx, last_only=True)
+  np.testing.assert_allclose(last, full[:, -1:], rtol=1e-5, atol=1e-5)
+
+
 def test_left_pad_and_context_error(setup):
   model, params, images, _ = setup
   tokens, media_idx, lengths = decode.left_pad([[1, V, 5], [1, 6]], 3, V, multiple=4)

@@ -102,7 +102,7 @@ def _prefill(lm, params, visual, tokens, media_idx, lengths, max_new_tokens):
   cache = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype),
                                  _cache_shapes(lm, b, p + max_new_tokens, visual))
   logits, state = lm.apply({"params": params, "cache": cache}, tokens, visual, media_idx,
-                           positions, key_mask, mutable=["cache"])
+                           positions, key_mask, last_only=True, mutable=["cache"])
   return logits[:, -1], state["cache"], key_mask
 
 

@@ -335,7 +335,11 @@ class LM(nn.Module):
     return jnp.concatenate(logits, -1)
 
   @nn.compact
-  def __call__(self, tokens, visual=None, media_idx=None, positions=None, key_mask=None):
+  def __call__(self, tokens, visual=None, media_idx=None, positions=None, key_mask=None,
+               last_only=False):
+    """last_only: the logits of the last position only, [B, 1, V + n_new]: a decoding prompt's
+    call needs no others, and at a large vocabulary the head over every position (V x D each)
+    would be its largest matmul."""
     cfg = self.cfg
     x, table, new_table = self.embed(tokens)  # [B, L, D]
     if positions is None:
@@ -369,6 +373,8 @@ class LM(nn.Module):
     if tail:
       x, _ = XattnGroup(cfg, tail, self.decode, name="tail")(x, visual, media_idx, positions,
                                                              key_mask)
+    if last_only:
+      x = x[:, -1:]
     if cfg.final_norm:
       x = layers.norm(cfg.norm, eps=cfg.norm_eps, use_bias=cfg.norm_bias, dtype=x.dtype,
                       param_dtype=jnp.dtype(cfg.param_dtype), name="norm_final")(x)
