@@ -7,7 +7,7 @@ F x D; speed.py's small LM, 45 MB: more than the cache), in GB/s of weights read
 train step and greedy generation (1 and 32 new tokens; rolled and unrolled layers) both
 ways at speed.py's base grid point (the first value of its --vocab, --every, --seq and --media)
 and times them interleaved in one process: separate runs on a shared 2-core machine differ by
-more than the effect. A decoding step is, as in speed.py, (32-token call - 1-token call) / 31.
+more than the effect. A decoding step is speed.decoding_step_ms (32-token call - 1-token call) / 31.
 
 python benchmarks/cpu_matmuls.py
 """
@@ -79,8 +79,8 @@ def main(argv):
           "generation, 1 token, ms": lambda u, l: seconds[1, u, l] * 1e3,
           f"generation, {size.new_tokens} tokens, ms": (
               lambda u, l: seconds[size.new_tokens, u, l] * 1e3),
-          "decoding step ms": lambda u, l: (seconds[size.new_tokens, u, l] - seconds[1, u, l])
-                                           / (size.new_tokens - 1) * 1e3}
+          "decoding step ms": lambda u, l: speed.decoding_step_ms(
+              seconds[1, u, l], seconds[size.new_tokens, u, l], size.new_tokens)}
   ynn, eigen = LIBRARIES
   lines = [f"{size.label()}, 1-minute load average {os.getloadavg()[0]:.2f}, medians of "
            f"{_REPS.value}. MLP matmuls alone: "

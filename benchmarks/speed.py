@@ -30,6 +30,11 @@ layer stacks as one rolled scan (`model.unroll_layers=False`, the TPU default) a
               (self-attention and xattn visual keys/values) once, at the copy bandwidth (bytes
               read + written per second by a jitted 256 MiB copy). A stream of reads alone can
               beat a copy's rate, so this bound is conservative.
+  needs       what issue #21's targets would take at the point, the arithmetic for where they are
+              out of reach: 1.3x OpenFlamingo's train step as a fraction of the jnp.dot peak (both
+              sides do the same matmul work: above 1.00 no float32 step reaches it), and 3x
+              OpenFlamingo's tokens/s as the decoding step it leaves (OpenFlamingo's call / 3, less
+              our fastest 1-token call, over 31) and that step as a fraction of the bound.
 
 Ratios are valid only on an idle machine: torch's threads slow far more than XLA under load. The
 run waits up to 5 minutes for the 1-minute load average to fall to --max_load, then refuses to
@@ -355,7 +360,14 @@ COLUMNS = ("train s: scan / unrolled / OpenFlamingo", "train ratio (best)",
            "fraction of jnp.dot peak (best)", "compile s: scan / unrolled",
            "generation tok/s: scan / unrolled / OpenFlamingo", "generation ratio (best)",
            "decoding step ms: scan / unrolled / OpenFlamingo", "decoding ratio (best)",
-           "bound ms", "fraction of bound (best)")
+           "bound ms", "fraction of bound (best)", "1.3x train needs: fraction of peak",
+           "3x generation needs: step ms (fraction of bound)")
+
+
+def decoding_step_ms(one_token_s: float, all_tokens_s: float, new_tokens: int) -> float:
+  """One decoding step, ms: a call for `new_tokens` new tokens less a call for 1, over the steps
+  between them (what is not a step, the resampler and the prompt's pass, cancels)."""
+  return (all_tokens_s - one_token_s) / (new_tokens - 1) * 1e3
 
 
 def run(size: Size, reps: int, warmup: int, peak: float, bandwidth: float) -> dict[str, str]:
@@ -380,12 +392,15 @@ def run(size: Size, reps: int, warmup: int, peak: float, bandwidth: float) -> di
     gens["theirs", new_tokens] = theirs_generate(theirs, prompt, new_tokens)
   gen = median_seconds(gens, reps, warmup)
   tokens_per_s = {k: size.batch * size.new_tokens / gen[k, size.new_tokens] for k in names}
-  step_ms = {k: (gen[k, size.new_tokens] - gen[k, 1]) / (size.new_tokens - 1) * 1e3
+  step_ms = {k: decoding_step_ms(gen[k, 1], gen[k, size.new_tokens], size.new_tokens)
              for k in names}
   bound_ms = nbytes / (bandwidth * 1e9) * 1e3
   best_train, best_gen = min(train["scan"], train["unrolled"]), max(
       tokens_per_s["scan"], tokens_per_s["unrolled"])
   best_step = min(step_ms["scan"], step_ms["unrolled"])
+  fastest = min(("scan", "unrolled"), key=lambda k: gen[k, size.new_tokens])
+  needed_ms = decoding_step_ms(gen[fastest, 1], gen["theirs", size.new_tokens] / 3,
+                               size.new_tokens)
   return dict(zip(COLUMNS, [
       f"{train['scan']:.3f} / {train['unrolled']:.3f} / {train['theirs']:.3f}",
       f"{train['theirs'] / best_train:.2f}×",
@@ -396,7 +411,10 @@ def run(size: Size, reps: int, warmup: int, peak: float, bandwidth: float) -> di
       f"{best_gen / tokens_per_s['theirs']:.2f}×",
       " / ".join(f"{step_ms[k]:.1f}" for k in names),
       f"{step_ms['theirs'] / best_step:.2f}×",
-      f"{bound_ms:.1f}", f"{bound_ms / best_step:.2f}"]))
+      f"{bound_ms:.1f}", f"{bound_ms / best_step:.2f}",
+      f"{1.3 * flops / train['theirs'] / 1e9 / peak:.2f}",
+      f"{needed_ms:.1f} ({bound_ms / needed_ms:.2f})" if needed_ms > 0
+      else "none (1-token call > 1/3)"]))
 
 
 def table(results: dict[str, dict[str, str]]) -> str:

@@ -25,6 +25,9 @@ def test_speed_tiny_point_has_every_column(tmp_path):
   assert list(row) == list(speed.COLUMNS)
   train = [float(v) for v in row[speed.COLUMNS[0]].split(" / ")]
   assert len(train) == 3 and min(train) > 0
+  peak_needed = float(row["1.3x train needs: fraction of peak"])  # 1.3 x FLOPs / theirs / peak.
+  assert peak_needed == pytest.approx(1.3 * float(row["fraction of jnp.dot peak (best)"])
+                                      * min(train[:2]) / train[2], rel=0.05, abs=0.01)
   text = speed.table({size.label(): row})
   assert text.splitlines()[2].startswith(f"| {size.label()} |")
   results = tmp_path / "RESULTS.md"

@@ -229,7 +229,7 @@ def test_prompt_call_computes_the_head_at_the_last_position_only(setup):
   head's matmul has B rows, not B x P, and they equal the full forward's last logits."""
   model, params, images, prompts = setup
   args = decode_args(model, params, images, prompts, (-1,))
-  lm, lm_params, visual, tokens, media_idx = args[:5]
+  lm_params, visual, tokens, media_idx = args[1:5]
   hlo = decode.greedy_search.lower(*args, max_new_tokens=3).compile().as_text()
   rows = [math.prod(int(d) for d in m.group(1).split(",")[:-1])
           for m in re.finditer(r"= f32\[([\d,]+)\]\S* [\w-]+\(.*op_name=\"([^\"]*)\"", hlo)
