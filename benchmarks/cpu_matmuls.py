@@ -10,6 +10,7 @@ and times them interleaved in one process: separate runs on a shared 2-core mach
 more than the effect. A decoding step is speed.decoding_step_ms (32-token call - 1-token call) / 31.
 
 python benchmarks/cpu_matmuls.py
+python benchmarks/cpu_matmuls.py --tied  # The LM's head tied to its input embeddings.
 """
 import dataclasses
 import os
@@ -29,6 +30,8 @@ import numpy as np
 from benchmarks import speed
 
 _REPS = flags.DEFINE_integer("cpu_matmul_reps", 9, "Interleaved timed repetitions (medians).")
+_TIED = flags.DEFINE_bool("tied", False, "The base point's LM with its head tied to the input "
+                          "embeddings (the same tables; its own head dropped).")
 
 LIBRARIES = {"YNNPACK (XLA's default)": {"xla_cpu_experimental_ynn_fusion_type":
                                          "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"},
@@ -61,6 +64,10 @@ def matmul_loop_gbps(size: speed.Size, options, reps: int) -> float:
 def main(argv):
   del argv
   size, model, params, features = speed.base_point()
+  if _TIED.value:
+    model = model.clone(lm=dataclasses.replace(model.lm, tied_embeddings=True))
+    params = dict(params, lm={k: v for k, v in params["lm"].items()
+                              if k not in ("lm_head", "new_lm_head")})
   train_tokens = speed.tokens_for(size, size.seq, seed=1)
   prompt = speed.tokens_for(size, size.prompt, seed=2)
   fns = {}
@@ -82,7 +89,8 @@ def main(argv):
           "decoding step ms": lambda u, l: speed.decoding_step_ms(
               seconds[1, u, l], seconds[size.new_tokens, u, l], size.new_tokens)}
   ynn, eigen = LIBRARIES
-  lines = [f"{size.label()}, 1-minute load average {os.getloadavg()[0]:.2f}, medians of "
+  tied = ", the head tied to the input embeddings" if _TIED.value else ""
+  lines = [f"{size.label()}{tied}, 1-minute load average {os.getloadavg()[0]:.2f}, medians of "
            f"{_REPS.value}. MLP matmuls alone: "
            + ", ".join(f"{library} {v:.1f} GB/s" for library, v in gbps.items()) + ".",
            "", f"| measure | layers | {ynn} | {eigen} | Eigen / YNNPACK |",

@@ -224,6 +224,20 @@ def test_decoding_compiles_with_eigen_matmuls_on_cpu_and_the_same_tokens(setup):
     np.testing.assert_allclose(got_score, want_score, rtol=1e-5)
 
 
+def test_a_tied_head_decodes_with_xla_default_matmuls_on_cpu(setup):
+  """Eigen's kernel reads a tied head's [V, D] table transposed, slower than YNNPACK's (a decoding
+  step 1.8x slower at V=8192, benchmarks/RESULTS.md): a search whose LM ties its head to the
+  input embeddings compiles as XLA chooses, an untied one with Eigen's."""
+  model, params, images, prompts = setup
+  lm, lm_params, *rest = decode_args(model, params, images, prompts, (-1,))
+  tied = lm_lib.LM(dataclasses.replace(lm.cfg, tied_embeddings=True), decode=True)
+  tied_params = {k: v for k, v in lm_params.items() if k not in ("lm_head", "new_lm_head")}
+  assert decode.eigen_matmuls(lm) and not decode.eigen_matmuls(tied)
+  for search in (decode.greedy_search, decode.beam_search):
+    hlo = search.lower(tied, tied_params, *rest, max_new_tokens=3).compile().as_text()
+    assert '"__ynn_fusion"' in hlo
+
+
 def test_prompt_call_computes_the_head_at_the_last_position_only(setup):
   """The prompt's call needs the last position's logits only (`LM(..., last_only=True)`): its
   head's matmul has B rows, not B x P, and they equal the full forward's last logits."""

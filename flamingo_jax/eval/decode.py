@@ -30,26 +30,35 @@ from flamingo_jax.models import lm as lm_lib
 CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 
+def eigen_matmuls(lm: lm_lib.LM) -> bool:
+  """Whether a search with `lm` compiles with CPU_COMPILER_OPTIONS: on a CPU, unless the LM's head
+  is tied. A tied head reads its [V, D] embedding table transposed, which Eigen's kernel reads
+  ~6x slower than a [D, V] head: a decoding step 1.8x (V=8192) to 4x (V=32768) slower than with
+  YNNPACK's (benchmarks/RESULTS.md, `python benchmarks/cpu_matmuls.py --tied`)."""
+  return jax.default_backend() == "cpu" and not lm.cfg.tied_embeddings
+
+
 class _Jit:
-  """jax.jit that compiles with CPU_COMPILER_OPTIONS when JAX's default backend is the CPU.
+  """jax.jit of a search whose first argument is the LM: compiled with CPU_COMPILER_OPTIONS where
+  `eigen_matmuls(lm)`, else as XLA chooses.
 
   Chosen per call, not at import (which must not start a backend); other backends get none, as
   an XLA:CPU option means nothing to them.
   """
 
   def __init__(self, fn, **jit_kwargs):
-    self._by_cpu = {cpu: jax.jit(fn, compiler_options=CPU_COMPILER_OPTIONS if cpu else None,
-                                 **jit_kwargs) for cpu in (False, True)}
+    self._by_eigen = {eigen: jax.jit(fn, compiler_options=CPU_COMPILER_OPTIONS if eigen else None,
+                                     **jit_kwargs) for eigen in (False, True)}
     functools.update_wrapper(self, fn)
 
-  def _jitted(self):
-    return self._by_cpu[jax.default_backend() == "cpu"]
+  def _jitted(self, args, kwargs):
+    return self._by_eigen[eigen_matmuls(args[0] if args else kwargs["lm"])]
 
   def __call__(self, *args, **kwargs):
-    return self._jitted()(*args, **kwargs)
+    return self._jitted(args, kwargs)(*args, **kwargs)
 
   def lower(self, *args, **kwargs):
-    return self._jitted().lower(*args, **kwargs)
+    return self._jitted(args, kwargs).lower(*args, **kwargs)
 
 
 @functools.partial(jax.jit, static_argnums=0)
