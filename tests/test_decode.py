@@ -28,9 +28,10 @@ def char_tokenizer():
 
 
 @functools.lru_cache(maxsize=None)
-def tiny_setup():
-  """The tiny Flamingo with open gates and its params (shared with test_fewshot.py)."""
-  model, _ = model_utils.tiny_model()
+def tiny_setup(placement: str = "paper"):
+  """The tiny Flamingo (xattn.placement `placement`) with open gates and its params (shared with
+  test_fewshot.py)."""
+  model, _ = model_utils.tiny_model(**{"lm.xattn.placement": placement})
   images, tokens, media_idx = model_utils.random_inputs(0)
   return model, model_utils.set_gates(model_utils.init(model, images, tokens, media_idx), 0.8)
 
@@ -187,8 +188,12 @@ def loop_instructions(hlo, name_pattern, shapes):
   return found
 
 
-def test_unrolled_layers_decode_as_rolled_and_copy_no_weight_or_cache_per_step(setup):
-  model, params, images, prompts = setup
+# OpenFlamingo's placement splits the tiny LM's 4 layers into stacks of one (a plain layer, a
+# group, the tail): JAX's scan keeps a stack of one as a loop unless asked to unroll it all.
+@pytest.mark.parametrize("placement", ["paper", "open_flamingo"])
+def test_unrolled_layers_decode_as_rolled_and_copy_no_weight_or_cache_per_step(setup, placement):
+  _, _, images, prompts = setup
+  model, params = tiny_setup(placement)
   args = decode_args(model, params, images, prompts, (-1,))
   unrolled = (lm_lib.LM(dataclasses.replace(model.lm, unroll_layers=True), decode=True),) + args[1:]
   for search in (decode.greedy_search, functools.partial(decode.beam_search, beam_size=3)):

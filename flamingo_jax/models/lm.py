@@ -272,7 +272,7 @@ def _layer_stack(cfg: LMConfig, length: int, decode: bool, name: str):
   return nn.scan(
       layers.remat(DecoderLayer, cfg.remat_policy),
       variable_axes={"params": 0, "cache": 0}, split_rngs={"params": True},
-      in_axes=nn.broadcast, length=length, unroll=length if cfg.unroll_layers else 1,
+      in_axes=nn.broadcast, length=length, unroll=layers.scan_unroll(cfg.unroll_layers),
       metadata_params={nn.PARTITION_NAME: "layers"},
   )(cfg, decode, name=name)
 
@@ -366,7 +366,7 @@ class LM(nn.Module):
     if groups:
       x, _ = nn.scan(
           XattnGroup, variable_axes={"params": 0, "cache": 0}, split_rngs={"params": True},
-          in_axes=nn.broadcast, length=groups, unroll=groups if cfg.unroll_layers else 1,
+          in_axes=nn.broadcast, length=groups, unroll=layers.scan_unroll(cfg.unroll_layers),
           metadata_params={nn.PARTITION_NAME: "groups"},
       )(cfg, cfg.xattn.every, self.decode, name="groups")(x, visual, media_idx, positions,
                                                           key_mask)

@@ -137,7 +137,7 @@ class PerceiverResampler(nn.Module):
         jnp.broadcast_to(latents.astype(self.dtype), (b * n, self.num_latents, self.dim)))
     x, _ = nn.scan(ResamplerLayer, variable_axes={"params": 0}, split_rngs={"params": True},
                    in_axes=nn.broadcast, length=self.num_layers,
-                   unroll=self.num_layers if self.unroll_layers else 1,
+                   unroll=layers.scan_unroll(self.unroll_layers),
                    metadata_params={nn.PARTITION_NAME: "layers"})(
                        self.num_heads, self.head_dim, self.ffw_mult, self.activation,
                        self.kernel_std, **kw, name="layers")(x, x_f)
@@ -215,7 +215,7 @@ class TransformerConnector(nn.Module):
     x = layers.dense(self.dim, ("vis_embed", "embed"), **kw, name="input_proj")(x)
     x, _ = nn.scan(SelfAttentionLayer, variable_axes={"params": 0}, split_rngs={"params": True},
                    in_axes=nn.broadcast, length=self.num_layers,
-                   unroll=self.num_layers if self.unroll_layers else 1,
+                   unroll=layers.scan_unroll(self.unroll_layers),
                    metadata_params={nn.PARTITION_NAME: "layers"})(
                        self.num_heads, self.head_dim, self.ffw_mult, self.activation, **kw,
                        name="layers")(x.reshape(b * n, s, self.dim), None)
