@@ -54,6 +54,7 @@ import itertools
 import os
 import pathlib
 import platform
+import re
 import statistics
 import sys
 import tempfile
@@ -424,12 +425,26 @@ def table(results: dict[str, dict[str, str]]) -> str:
   return "\n".join(lines)
 
 
+def cpu_model() -> str:
+  """The CPU's model name, and AVX-512 where it has it: the two sides' matmul peaks differ by CPU
+  (RESULTS.md: jnp.dot 182 then 364 GFLOP/s on two 2-core machines, torch.mm 167 then 189), so
+  a table's ratios hold for its CPU."""
+  try:
+    text = pathlib.Path("/proc/cpuinfo").read_text()
+  except OSError:
+    return platform.processor() or platform.machine()
+  name = re.search(r"^model name\s*:\s*(.+)$", text, re.M)
+  flags_line = re.search(r"^flags\s*:\s*(.+)$", text, re.M)
+  avx512 = bool(flags_line) and "avx512f" in flags_line.group(1).split()
+  return (name.group(1).strip() if name else platform.machine()) + (", AVX-512" if avx512 else "")
+
+
 def environment(threads: int, load: str, peaks: tuple[float, float], bandwidth: float,
                 reused: bool) -> str:
   parallel = torch.__config__.parallel_info().splitlines()
   blas = [l.strip() for l in torch.__config__.show().splitlines() if "Math Kernel" in l]
   return "\n".join([
-      f"- CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; jax "
+      f"- CPU: {cpu_model()}, {os.cpu_count()} cores; jax "
       f"{jax.__version__} ({jax.devices()[0].platform}), XLA_FLAGS="
       f"{os.environ.get('XLA_FLAGS', '')!r}",
       f"- torch {torch.__version__}: {threads} threads "
