@@ -39,7 +39,9 @@ layer stacks as one rolled scan (`model.unroll_layers=False`, the TPU default) a
 Ratios are valid only on an idle machine: torch's threads slow far more than XLA under load. The
 run waits up to 5 minutes for the 1-minute load average to fall to --max_load, then refuses to
 start (unless --allow_load), and the table is marked when other processes kept more than 0.5
-cores busy during the run (`machine_load.py`; the load average after a run counts its own).
+cores busy during the run (`machine_load.py`; the load average after a run counts its own) or
+when the copy bandwidth at its end differs from its start's by more than MAX_BANDWIDTH_DRIFT
+(the host's memory bandwidth is shared beyond what the load average shows).
 torch uses as many threads as XLA (os.cpu_count()). Both sides run in one process with
 `host_memory.reuse_cpu_step_buffers` (what training and the demo use on a CPU): glibc keeps freed
 memory for reuse (torch's allocations too) and XLA computes on the calling thread; without it
@@ -349,6 +351,12 @@ def matmul_peaks(n: int, reps: int) -> tuple[float, float]:
   return 2 * n ** 3 / times["dot"] / 1e9, 2 * n ** 3 / times["mm"] / 1e9
 
 
+# A run whose copy bandwidth at its end differs more than this from its start's is not a result:
+# the host's memory bandwidth is shared with tenants the load average does not see (on one run
+# it read 10.4 GB/s, against 30.9 in the run before and ~36 a minute after).
+MAX_BANDWIDTH_DRIFT = 0.25
+
+
 def copy_bandwidth(reps: int) -> float:
   """GB/s of a jitted copy of 256 MiB (bytes read + bytes written), median."""
   x = jnp.ones(64 << 20, jnp.float32)
@@ -439,8 +447,8 @@ def cpu_model() -> str:
   return (name.group(1).strip() if name else platform.machine()) + (", AVX-512" if avx512 else "")
 
 
-def environment(threads: int, load: str, peaks: tuple[float, float], bandwidth: float,
-                reused: bool) -> str:
+def environment(threads: int, load: str, peaks: tuple[float, float],
+                bandwidths: tuple[float, float], reused: bool) -> str:
   parallel = torch.__config__.parallel_info().splitlines()
   blas = [l.strip() for l in torch.__config__.show().splitlines() if "Math Kernel" in l]
   return "\n".join([
@@ -453,7 +461,8 @@ def environment(threads: int, load: str, peaks: tuple[float, float], bandwidth: 
       f"- host_memory.reuse_cpu_step_buffers: {reused}",
       f"- {load}",
       f"- f32 {PEAK_MATMUL}² matmul: jnp.dot {peaks[0]:.1f} GFLOP/s, torch.mm {peaks[1]:.1f} "
-      f"GFLOP/s; copy bandwidth {bandwidth:.1f} GB/s",
+      f"GFLOP/s; copy bandwidth {bandwidths[0]:.1f} GB/s at the start (the bound's), "
+      f"{bandwidths[1]:.1f} at the end",
   ])
 
 
@@ -474,10 +483,14 @@ def main(argv):
     for size in points:
       results[size.label()] = run(size, _REPS.value, _WARMUP.value, peaks[0], bandwidth)
       print(table(results).splitlines()[-1], flush=True)
+    bandwidths = bandwidth, copy_bandwidth(_REPS.value)
   text = table(results)
+  if abs(bandwidths[1] / bandwidths[0] - 1) > MAX_BANDWIDTH_DRIFT:
+    text = (f"**Not a result: the copy bandwidth moved by more than {MAX_BANDWIDTH_DRIFT:.0%} "
+            "during the run.**\n\n{text}")
   if not load.idle():
     text = f"**Not a result: the machine was not idle.**\n\n{text}"
-  text = f"{environment(threads, load.describe(), peaks, bandwidth, reused)}\n\n{text}"
+  text = f"{environment(threads, load.describe(), peaks, bandwidths, reused)}\n\n{text}"
   print(text)
   if _RESULTS.value:
     write_section(_RESULTS.value, f"Command: `{' '.join(['python'] + sys.argv)}`\n\n{text}\n")
