@@ -357,6 +357,16 @@ def matmul_peaks(n: int, reps: int) -> tuple[float, float]:
 MAX_BANDWIDTH_DRIFT = 0.25
 
 
+def not_a_result(idle: bool, bandwidths: tuple[float, float]) -> list[str]:
+  """Why a run's table is not a result (none when it is): other processes used the CPU, or the
+  copy bandwidth at its end (bandwidths[1]) moved from its start's by over MAX_BANDWIDTH_DRIFT."""
+  reasons = [] if idle else ["the machine was not idle"]
+  if abs(bandwidths[1] / bandwidths[0] - 1) > MAX_BANDWIDTH_DRIFT:
+    reasons.append(f"the copy bandwidth moved from {bandwidths[0]:.1f} to {bandwidths[1]:.1f} "
+                   "GB/s during the run")
+  return reasons
+
+
 def copy_bandwidth(reps: int) -> float:
   """GB/s of a jitted copy of 256 MiB (bytes read + bytes written), median."""
   x = jnp.ones(64 << 20, jnp.float32)
@@ -485,11 +495,8 @@ def main(argv):
       print(table(results).splitlines()[-1], flush=True)
     bandwidths = bandwidth, copy_bandwidth(_REPS.value)
   text = table(results)
-  if abs(bandwidths[1] / bandwidths[0] - 1) > MAX_BANDWIDTH_DRIFT:
-    text = (f"**Not a result: the copy bandwidth moved by more than {MAX_BANDWIDTH_DRIFT:.0%} "
-            "during the run.**\n\n{text}")
-  if not load.idle():
-    text = f"**Not a result: the machine was not idle.**\n\n{text}"
+  if reasons := not_a_result(load.idle(), bandwidths):
+    text = f"**Not a result: {'; '.join(reasons)}.**\n\n{text}"
   text = f"{environment(threads, load.describe(), peaks, bandwidths, reused)}\n\n{text}"
   print(text)
   if _RESULTS.value:

@@ -18,6 +18,14 @@ def test_grid_axes_is_the_base_each_change_and_the_largest_point():
   assert len(speed.grid(base, axes, full=True)) == 2 * 3 * 1 * 2
 
 
+def test_a_loaded_run_or_a_moved_bandwidth_is_not_a_result():
+  assert not speed.not_a_result(True, (30.9, 33.8))  # 9%: the table of RESULTS.md.
+  assert speed.not_a_result(False, (30.9, 30.9)) == ["the machine was not idle"]
+  moved = speed.not_a_result(True, (31.5, 54.2))
+  assert moved == ["the copy bandwidth moved from 31.5 to 54.2 GB/s during the run"]
+  assert len(speed.not_a_result(False, (10.4, 36.0))) == 2
+
+
 @pytest.mark.slow  # Builds both models and compiles four programs (~1-2 min).
 def test_speed_tiny_point_has_every_column(tmp_path):
   size = speed.BASES["tiny"]
