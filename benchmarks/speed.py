@@ -445,8 +445,8 @@ def table(results: dict[str, dict[str, str]]) -> str:
 
 def cpu_model() -> str:
   """The CPU's model name, and AVX-512 where it has it: the two sides' matmul peaks differ by CPU
-  (RESULTS.md: jnp.dot 182 then 364 GFLOP/s on two 2-core machines, torch.mm 167 then 189), so
-  a table's ratios hold for its CPU."""
+  (RESULTS.md: jnp.dot 182 GFLOP/s on one 2-core machine and 283-386 on another, torch.mm 167
+  and 181-197), so a table's ratios hold for its CPU."""
   try:
     text = pathlib.Path("/proc/cpuinfo").read_text()
   except OSError:
